@@ -1,0 +1,41 @@
+"""carlzoo: a model zoo and feature extractor for CARL encoders.
+
+>>> import carlzoo
+>>> model = carlzoo.load("carl-cifar10")          # doctest: +SKIP
+>>> emb = model.embed(["cat.jpg", "dog.png"])     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from carlzoo.model import CARLModel, CARLOutput, ModelConfig, build_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "CARLModel",
+    "CARLOutput",
+    "ModelConfig",
+    "build_model",
+    "load",
+    "list_models",
+]
+
+if TYPE_CHECKING:
+    from carlzoo.pretrained import PretrainedCARL
+
+
+def load(spec: str, device: Any = None, backend: str = "torch", **kwargs: Any) -> PretrainedCARL:
+    """Load a zoo model by name, local folder or ``hf-hub:org/repo[@revision]``."""
+    from carlzoo.pretrained import load as _load
+
+    return _load(spec, device=device, backend=backend, **kwargs)
+
+
+def list_models() -> list[str]:
+    """Names of the models in the zoo registry."""
+    from carlzoo.registry import list_models as _list_models
+
+    return _list_models()

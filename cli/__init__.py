@@ -1,0 +1,1 @@
+"""The ``carlzoo`` command line (``carlzoo.cli``)."""

@@ -1,0 +1,3 @@
+from carlzoo.cli.main import main
+
+main()

@@ -1,0 +1,29 @@
+"""``carlzoo``: the click command group.
+
+Each command lives in its own module and imports torch only when it runs, so
+``carlzoo --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import click
+
+from carlzoo import __version__
+from carlzoo.cli.train_cmd import train
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="carlzoo")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """carlzoo: CARL encoders: train, evaluate, export and extract embeddings."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+
+
+main.add_command(train)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""ONNX export, Hub repository folders and publishing (``carlzoo.export``)."""

@@ -1,0 +1,535 @@
+"""Tests for carlzoo.training.datasets: tiny files in each official layout, built in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from carlzoo.training import datasets as ds
+from carlzoo.training.datasets import (
+    DATASETS,
+    DEFAULT_IMAGE_SIZE,
+    NUM_CLASSES,
+    DatasetError,
+    ImageArrays,
+    load_split,
+)
+
+# --------------------------------------------------------------------------------------------
+# Builders for the official formats
+# --------------------------------------------------------------------------------------------
+
+
+class _Py2StylePickler(pickle._Pickler):
+    """Writes bytes and str as Python 2 ``str`` opcodes, like the official CIFAR pickles."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def _save_py2_str(self, obj: bytes | str) -> None:
+        data = obj.encode("latin-1") if isinstance(obj, str) else obj
+        n = len(data)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+
+def _py2_pickle(obj: object, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    _Py2StylePickler(buf, protocol=2).dump(obj)
+    # The official files were written by numpy 1.x, whose arrays name numpy.core.multiarray.
+    path.write_bytes(buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+
+
+def _cifar_data(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 3072), dtype=np.uint8)
+
+
+def _make_cifar10(root: Path, n: int = 3) -> Path:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i in range(1, 6):
+        data = _cifar_data(n, i)
+        _py2_pickle(
+            {b"data": data, b"labels": [(i + j) % 10 for j in range(n)]}, folder / f"data_batch_{i}"
+        )
+    test = _cifar_data(2, 99)
+    test[0, :] = 0
+    test[0, 1024 + 5 * 32 + 7] = 200  # G plane, row 5, column 7
+    _py2_pickle({b"data": test, b"labels": [9, 0]}, folder / "test_batch")
+    names = [f"class{c}".encode() for c in range(10)]
+    _py2_pickle({b"label_names": names, b"num_vis": 3072}, folder / "batches.meta")
+    return folder
+
+
+def _make_stl10(root: Path, n_train: int = 2, n_test: int = 3, n_unl: int = 4) -> Path:
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("test", n_test), ("unlabeled", n_unl)):
+        rng.integers(0, 256, size=n * 3 * 96 * 96, dtype=np.uint8).tofile(
+            folder / f"{prefix}_X.bin"
+        )
+        if prefix != "unlabeled":
+            np.arange(1, n + 1, dtype=np.uint8).tofile(folder / f"{prefix}_y.bin")
+    names = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    (folder / "class_names.txt").write_text("\n".join(names) + "\n")
+    return folder
+
+
+def _solid(color: tuple[int, int, int], size: tuple[int, int] = (64, 64)) -> Image.Image:
+    return Image.new("RGB", size, color)
+
+
+def _make_tinyimagenet(root: Path) -> Path:
+    folder = root / "tiny-imagenet-200"
+    wnids = [f"n{i:08d}" for i in range(200)]
+    (folder / "val" / "images").mkdir(parents=True)
+    (folder / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    words = [f"{w}\tthing {i}, other name" for i, w in enumerate(reversed(wnids))]
+    (folder / "words.txt").write_text("\n".join(["n99999999\tunused"] + words) + "\n")
+    colors = {0: (255, 0, 0), 1: (0, 255, 0)}
+    for i, w in enumerate(wnids):
+        images = folder / "train" / w / "images"
+        images.mkdir(parents=True)
+        if i in colors:
+            for k in range(2):
+                _solid(colors[i]).save(images / f"{w}_{k}.JPEG", quality=95)
+    _solid((0, 0, 255)).save(folder / "val" / "images" / "val_0.JPEG", quality=95)
+    _solid((255, 0, 0)).save(folder / "val" / "images" / "val_1.JPEG", quality=95)
+    (folder / "val" / "val_annotations.txt").write_text(
+        f"val_0.JPEG\t{wnids[7]}\t0\t0\t10\t10\nval_1.JPEG\t{wnids[0]}\t1\t2\t30\t40\n"
+    )
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Registry / argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def test_registry_constants() -> None:
+    names = "cifar10 cifar100 stl10 tinyimagenet imagenet64 imagefolder folder npz"
+    assert DATASETS == tuple(names.split())
+    sizes = dict(cifar10=32, cifar100=32, stl10=96, tinyimagenet=64, imagenet64=64)
+    assert DEFAULT_IMAGE_SIZE == sizes
+    assert NUM_CLASSES["tinyimagenet"] == 200 and NUM_CLASSES["imagenet64"] == 1000
+
+
+def test_unknown_name_and_split(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="unknown dataset 'mnist'.*cifar10.*npz"):
+        load_split("mnist", tmp_path, "train")
+    with pytest.raises(DatasetError, match="unknown split 'val'.*pretrain, train, test"):
+        load_split("cifar10", tmp_path, "val")
+
+
+def test_image_arrays_contract() -> None:
+    arr = ImageArrays(np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 1]), ["a", "b"])
+    assert len(arr) == 2
+    with pytest.raises(ValueError):
+        ImageArrays(np.zeros((2, 4, 4), np.uint8), None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR
+# --------------------------------------------------------------------------------------------
+
+
+def test_cifar10_train_test_pretrain(tmp_path: Path) -> None:
+    folder = _make_cifar10(tmp_path)
+    train = load_split("cifar10", tmp_path, "train")
+    assert train.images.shape == (15, 32, 32, 3) and train.images.dtype == np.uint8
+    assert train.images.flags["C_CONTIGUOUS"]
+    assert train.labels is not None and train.labels.dtype == np.int64
+    assert train.labels[:3].tolist() == [1, 2, 3] and train.labels[-3:].tolist() == [5, 6, 7]
+    assert train.classes == [f"class{c}" for c in range(10)]
+    # Planar rows: value at R-plane index (row*32 + col) is pixel (row, col, 0).
+    raw1 = _cifar_data(3, 1)
+    assert train.images[1, 3, 30, 0] == raw1[1, 3 * 32 + 30]
+    assert train.images[2, 31, 0, 2] == raw1[2, 2048 + 31 * 32]
+
+    pretrain = load_split("cifar10", tmp_path, "pretrain")
+    np.testing.assert_array_equal(pretrain.images, train.images)
+    np.testing.assert_array_equal(pretrain.labels, train.labels)
+
+    test = load_split("cifar10", folder, "test")  # root may be the release folder itself
+    assert test.images.shape == (2, 32, 32, 3)
+    assert test.labels is not None and test.labels.tolist() == [9, 0]
+    assert test.images[0, 5, 7, 1] == 200
+    assert int(test.images[0].sum()) == 200  # nothing transposed or shifted
+
+
+def test_cifar100(tmp_path: Path) -> None:
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    data = _cifar_data(4, 3)
+    fine = [0, 99, 42, 7]
+    batch = {b"data": data, b"fine_labels": fine, b"coarse_labels": [0, 1, 2, 3]}
+    _py2_pickle(batch, folder / "train")
+    # A pickle written by today's numpy with the default protocol also loads.
+    (folder / "test").write_bytes(pickle.dumps(batch))
+    names = [f"fine{c}".encode() for c in range(100)]
+    _py2_pickle({b"fine_label_names": names, b"coarse_label_names": []}, folder / "meta")
+    for split in ("train", "test"):
+        out = load_split("cifar100", tmp_path, split)
+        assert out.images.shape == (4, 32, 32, 3)
+        assert out.labels is not None and out.labels.tolist() == fine
+        assert out.classes is not None and out.classes[99] == "fine99"
+        assert out.images[3, 10, 20, 1] == data[3, 1024 + 10 * 32 + 20]
+
+
+def test_cifar_resize(tmp_path: Path) -> None:
+    _make_cifar10(tmp_path)
+    out = load_split("cifar10", tmp_path, "test", image_size=16)
+    assert out.images.shape == (2, 16, 16, 3)
+
+
+def test_cifar_missing_root_mentions_download(tmp_path: Path) -> None:
+    root = tmp_path / "nowhere"
+    with pytest.raises(DatasetError) as info:
+        load_split("cifar10", root, "train")
+    msg = str(info.value)
+    assert str(root / "cifar-10-batches-py" / "data_batch_1") in msg
+    assert "--download" in msg and "\n" not in msg
+
+
+def test_cifar_download_only_when_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, Path, str]] = []
+
+    def fake_download(url: str, root: Path, md5: str) -> None:
+        calls.append((url, root, md5))
+        _make_cifar10(root)
+
+    monkeypatch.setattr(ds, "_download_archive", fake_download)
+    out = load_split("cifar10", tmp_path, "test", download=True)
+    assert len(out) == 2
+    assert calls == [
+        (
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            tmp_path,
+            "c58f30108f718f92721af3b95e74349a",
+        )
+    ]
+    load_split("cifar10", tmp_path, "test", download=True)
+    assert len(calls) == 1  # files present: no second download
+
+
+def test_download_failure_is_dataset_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing(url: str, root: Path, md5: str) -> None:
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(ds, "_download_archive", failing)
+    with pytest.raises(DatasetError, match="stl10_binary.tar.gz.*network unreachable"):
+        load_split("stl10", tmp_path, "train", download=True)
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_restricted_unpickler_refuses_globals(tmp_path: Path) -> None:
+    folder = _make_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    (folder / "test_batch").write_bytes(
+        pickle.dumps({b"data": _Evil(marker), b"labels": [0]}, protocol=2)
+    )
+    with pytest.raises(DatasetError, match=r"refuses to unpickle global (posix|nt|os)\.system"):
+        load_split("cifar10", tmp_path, "test")
+    assert not marker.exists()
+
+
+def test_cifar_malformed_batches(tmp_path: Path) -> None:
+    folder = _make_cifar10(tmp_path)
+    _py2_pickle({b"labels": [0, 1]}, folder / "test_batch")
+    with pytest.raises(DatasetError, match="test_batch.*b'data'"):
+        load_split("cifar10", tmp_path, "test")
+    _py2_pickle({b"data": np.zeros((2, 3000), np.uint8), b"labels": [0, 1]}, folder / "test_batch")
+    with pytest.raises(DatasetError, match=r"test_batch.*\(N, 3072\)"):
+        load_split("cifar10", tmp_path, "test")
+    _py2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, folder / "test_batch")
+    with pytest.raises(DatasetError, match="test_batch"):
+        load_split("cifar10", tmp_path, "test")
+    good = (folder / "data_batch_2").read_bytes()
+    (folder / "data_batch_2").write_bytes(good[: len(good) // 2])
+    with pytest.raises(DatasetError, match="data_batch_2.*not a readable pickle"):
+        load_split("cifar10", tmp_path, "train")
+    (folder / "data_batch_4").unlink()
+    (folder / "data_batch_2").write_bytes(good)
+    with pytest.raises(DatasetError, match="data_batch_4 is missing"):
+        load_split("cifar10", tmp_path, "train")
+
+
+# --------------------------------------------------------------------------------------------
+# STL-10
+# --------------------------------------------------------------------------------------------
+
+
+def test_stl10_column_major_and_labels(tmp_path: Path) -> None:
+    folder = _make_stl10(tmp_path)
+    # Independent check of the layout: byte (image n, channel c, column x, row y).
+    raw = np.zeros(2 * 3 * 96 * 96, np.uint8)
+    n, c, row, col = 1, 2, 5, 70
+    raw[n * 27648 + c * 9216 + col * 96 + row] = 222
+    raw.tofile(folder / "train_X.bin")
+    train = load_split("stl10", tmp_path, "train")
+    assert train.images.shape == (2, 96, 96, 3) and train.images.dtype == np.uint8
+    assert train.images.flags["C_CONTIGUOUS"]
+    assert train.images[n, row, col, c] == 222 and int(train.images.sum()) == 222
+    assert train.labels is not None and train.labels.tolist() == [0, 1]  # 1-based on disk
+    assert train.classes is not None and train.classes[0] == "airplane"
+
+    test = load_split("stl10", folder, "test")
+    assert test.images.shape == (3, 96, 96, 3)
+    assert test.labels is not None and test.labels.tolist() == [0, 1, 2]
+
+
+def test_stl10_pretrain_is_unlabeled_plus_train(tmp_path: Path) -> None:
+    _make_stl10(tmp_path)
+    pre = load_split("stl10", tmp_path, "pretrain")
+    unl = np.fromfile(tmp_path / "stl10_binary" / "unlabeled_X.bin", np.uint8)
+    unl = unl.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)
+    train = load_split("stl10", tmp_path, "train")
+    assert pre.labels is None
+    assert pre.images.shape == (6, 96, 96, 3)
+    np.testing.assert_array_equal(pre.images[:4], unl)
+    np.testing.assert_array_equal(pre.images[4:], train.images)
+
+
+def test_stl10_truncated_and_bad_labels(tmp_path: Path) -> None:
+    folder = _make_stl10(tmp_path)
+    x = folder / "train_X.bin"
+    x.write_bytes(x.read_bytes()[:-100])
+    with pytest.raises(DatasetError, match="train_X.bin is truncated"):
+        load_split("stl10", tmp_path, "train")
+    np.zeros(3 * 27648, np.uint8).tofile(folder / "test_X.bin")
+    np.array([1, 2], np.uint8).tofile(folder / "test_y.bin")
+    with pytest.raises(DatasetError, match=r"test_y.bin.*\(3,\)"):
+        load_split("stl10", tmp_path, "test")
+    np.array([1, 2, 11], np.uint8).tofile(folder / "test_y.bin")
+    with pytest.raises(DatasetError, match="test_y.bin.*1..10"):
+        load_split("stl10", tmp_path, "test")
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny ImageNet
+# --------------------------------------------------------------------------------------------
+
+
+def test_tinyimagenet(tmp_path: Path) -> None:
+    _make_tinyimagenet(tmp_path)
+    train = load_split("tinyimagenet", tmp_path, "train")
+    assert train.images.shape == (4, 64, 64, 3) and train.images.dtype == np.uint8
+    assert train.labels is not None and train.labels.tolist() == [0, 0, 1, 1]
+    assert np.abs(train.images[0].astype(int) - [255, 0, 0]).max() <= 3
+    assert np.abs(train.images[3].astype(int) - [0, 255, 0]).max() <= 3
+    assert train.classes is not None and len(train.classes) == 200
+    assert train.classes[0] == "thing 199" and train.classes[199] == "thing 0"
+
+    test = load_split("tinyimagenet", tmp_path, "test")  # reads val with its annotations
+    assert test.labels is not None and test.labels.tolist() == [7, 0]
+    assert np.abs(test.images[0].astype(int) - [0, 0, 255]).max() <= 3
+
+    small = load_split("tinyimagenet", tmp_path, "test", image_size=32)
+    assert small.images.shape == (2, 32, 32, 3)
+
+
+def test_tinyimagenet_bad_annotation(tmp_path: Path) -> None:
+    folder = _make_tinyimagenet(tmp_path)
+    (folder / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn12345678\t0\t0\t1\t1\n")
+    with pytest.raises(DatasetError, match="val_annotations.txt line 1"):
+        load_split("tinyimagenet", tmp_path, "test")
+
+
+# --------------------------------------------------------------------------------------------
+# ImageNet 64x64
+# --------------------------------------------------------------------------------------------
+
+
+def _imagenet64_batch(path: Path, n: int, seed: int, first_label: int) -> np.ndarray:
+    data = np.random.default_rng(seed).integers(0, 256, size=(n, 12288), dtype=np.uint8)
+    labels = [first_label + i for i in range(n)]
+    np.savez(path, data=data, labels=labels, mean=np.zeros(12288))
+    return data
+
+
+def test_imagenet64_subfolders(tmp_path: Path) -> None:
+    train_dir = tmp_path / "Imagenet64_train_npz"
+    val_dir = tmp_path / "Imagenet64_val_npz"
+    train_dir.mkdir()
+    val_dir.mkdir()
+    batches = {
+        i: _imagenet64_batch(train_dir / f"train_data_batch_{i}.npz", 2, i, i) for i in range(1, 11)
+    }
+    val = _imagenet64_batch(val_dir / "val_data.npz", 3, 0, 998)
+
+    train = load_split("imagenet64", tmp_path, "pretrain")
+    assert train.images.shape == (20, 64, 64, 3) and train.images.dtype == np.uint8
+    assert train.classes is None
+    # batches are ordered numerically (1, 2, ..., 10), labels are made 0-based
+    assert train.labels is not None and train.labels[:4].tolist() == [0, 1, 1, 2]
+    assert train.labels[-2:].tolist() == [9, 10]
+    assert train.images[19, 63, 1, 2] == batches[10][1, 2 * 4096 + 63 * 64 + 1]
+    assert train.images[2, 0, 40, 0] == batches[2][0, 40]
+
+    test = load_split("imagenet64", tmp_path, "test")
+    assert test.labels is not None and test.labels.tolist() == [997, 998, 999]
+    assert test.images[1, 10, 20, 1] == val[1, 4096 + 10 * 64 + 20]
+
+
+def test_imagenet64_missing_and_download(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="no ImageNet64 found.*image-net.org"):
+        load_split("imagenet64", tmp_path, "train")
+    with pytest.raises(DatasetError, match="cannot be downloaded automatically.*Imagenet64x64"):
+        load_split("imagenet64", tmp_path, "test", download=True)
+    for i in range(1, 6):
+        _imagenet64_batch(tmp_path / f"train_data_batch_{i}.npz", 1, i, 1)
+    with pytest.raises(DatasetError, match=r"missing \[6, 7, 8, 9, 10\]"):
+        load_split("imagenet64", tmp_path, "train")
+
+
+def test_imagenet64_bad_shape(tmp_path: Path) -> None:
+    np.savez(tmp_path / "val_data.npz", data=np.zeros((2, 100), np.uint8), labels=[1, 2])
+    with pytest.raises(DatasetError, match=r"val_data.npz key 'data'.*\(2, 12288\) uint8"):
+        load_split("imagenet64", tmp_path, "test")
+
+
+# --------------------------------------------------------------------------------------------
+# imagefolder / folder
+# --------------------------------------------------------------------------------------------
+
+
+def _bands(width: int = 60, height: int = 20) -> Image.Image:
+    """Three vertical bands red | green | blue."""
+    arr = np.zeros((height, width, 3), np.uint8)
+    third = width // 3
+    arr[:, :third, 0] = 255
+    arr[:, third : 2 * third, 1] = 255
+    arr[:, 2 * third :, 2] = 255
+    return Image.fromarray(arr)
+
+
+def _make_imagefolder(root: Path) -> None:
+    for split in ("train", "val"):
+        (root / split / "dog").mkdir(parents=True)
+        (root / split / "cat" / "nested").mkdir(parents=True)
+    _bands().save(root / "train" / "dog" / "a.png")
+    _solid((10, 20, 30), (30, 40)).save(root / "train" / "cat" / "b.PNG")
+    _solid((0, 0, 0)).convert("L").save(root / "train" / "cat" / "nested" / "c.bmp")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    _solid((1, 2, 3), (16, 16)).save(root / "val" / "dog" / "d.png")
+
+
+def test_imagefolder_resize_and_labels(tmp_path: Path) -> None:
+    _make_imagefolder(tmp_path)
+    train = load_split("imagefolder", tmp_path, "train", image_size=16)
+    assert train.images.shape == (3, 16, 16, 3) and train.images.dtype == np.uint8
+    assert train.classes == ["cat", "dog"]
+    assert train.labels is not None and train.labels.tolist() == [0, 0, 1]
+    # 60x20 -> 48x16 (shorter side 16) -> centre 16x16 crop = the green band
+    assert train.images[2, 8, 8].tolist() == [0, 255, 0]
+    # 30x40 solid colour survives the resize; grayscale becomes RGB
+    assert train.images[0, 0, 0].tolist() == [10, 20, 30]
+    assert train.images[1].max() == 0
+
+    test = load_split("imagefolder", tmp_path, "test", image_size=16)  # "val" accepted
+    assert test.classes == ["cat", "dog"]
+    assert test.labels is not None and test.labels.tolist() == [1]
+    assert test.images[0, 3, 3].tolist() == [1, 2, 3]
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    _make_imagefolder(tmp_path)
+    with pytest.raises(DatasetError, match="image_size is required"):
+        load_split("imagefolder", tmp_path, "train")
+    bad = tmp_path / "train" / "dog" / "broken.jpg"
+    bad.write_bytes(b"definitely not a jpeg")
+    with pytest.raises(DatasetError, match="cannot decode image .*broken.jpg"):
+        load_split("imagefolder", tmp_path, "train", image_size=8)
+    with pytest.raises(DatasetError, match="no folder for split 'train'"):
+        load_split("imagefolder", tmp_path / "empty", "train", image_size=8)
+
+
+def test_folder_is_unlabelled_and_recursive(tmp_path: Path) -> None:
+    _make_imagefolder(tmp_path)
+    for split in ("pretrain", "train", "test"):
+        out = load_split("folder", tmp_path, split, image_size=12)
+        assert out.images.shape == (4, 12, 12, 3)
+        assert out.labels is None and out.classes is None
+
+
+def test_decoding_many_images_uses_pool(tmp_path: Path) -> None:
+    # more images than one chunk so the thread-pool path runs, ordering must be preserved
+    for i in range(300):
+        _solid((i % 256, 0, 0), (8, 8)).save(tmp_path / f"img_{i:03d}.png")
+    out = load_split("folder", tmp_path, "train", image_size=8)
+    assert out.images[:, 0, 0, 0].tolist() == [i % 256 for i in range(300)]
+
+
+# --------------------------------------------------------------------------------------------
+# npz
+# --------------------------------------------------------------------------------------------
+
+
+def test_npz_roundtrip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x_train = rng.integers(0, 256, size=(5, 8, 10, 3), dtype=np.uint8)
+    x_test = rng.integers(0, 256, size=(2, 8, 10, 3), dtype=np.uint8)
+    path = tmp_path / "data.npz"
+    np.savez(
+        path,
+        x_train=x_train,
+        y_train=np.array([0, 1, 2, 1, 0]),
+        x_test=x_test,
+        y_test=np.array([2, 2], np.int32),
+        class_names=np.array(["a", "b", "c"]),
+    )
+    train = load_split("npz", path, "train")
+    np.testing.assert_array_equal(train.images, x_train)
+    assert train.labels is not None and train.labels.dtype == np.int64
+    assert train.labels.tolist() == [0, 1, 2, 1, 0]
+    assert train.classes == ["a", "b", "c"]
+    test = load_split("npz", path, "test")
+    np.testing.assert_array_equal(test.images, x_test)
+    assert load_split("npz", path, "pretrain").labels is not None
+    assert load_split("npz", path, "test", image_size=4).images.shape == (2, 4, 4, 3)
+
+
+def test_npz_errors(tmp_path: Path) -> None:
+    path = tmp_path / "data.npz"
+    x = np.zeros((2, 8, 8, 3), np.uint8)
+    np.savez(path, x_train=x, y_train=np.array([0, 1]))
+    with pytest.raises(DatasetError, match="no key 'x_test'"):
+        load_split("npz", path, "test")
+    np.savez(path, x_train=np.zeros((2, 3, 8, 8), np.uint8), y_train=np.array([0, 1]))
+    with pytest.raises(DatasetError, match=r"'x_train'.*\(N, H, W, 3\) uint8.*NCHW"):
+        load_split("npz", path, "train")
+    np.savez(path, x_train=x.astype(np.float32), y_train=np.array([0, 1]))
+    with pytest.raises(DatasetError, match=r"'x_train'.*float32.*\(N, H, W, 3\) uint8"):
+        load_split("npz", path, "train")
+    np.savez(path, x_train=x, y_train=np.array([0, 1, 2]))
+    with pytest.raises(DatasetError, match=r"y_train.*\(2,\)"):
+        load_split("npz", path, "train")
+    np.savez(path, x_train=x, y_train=np.array([0, 1]), class_names=np.array([{}], dtype=object))
+    with pytest.raises(DatasetError, match="class_names"):
+        load_split("npz", path, "train")
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_split("npz", tmp_path / "missing.npz", "train")
+    (tmp_path / "junk.npz").write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="junk.npz is not a readable .npz"):
+        load_split("npz", tmp_path / "junk.npz", "train")

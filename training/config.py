@@ -1,0 +1,261 @@
+"""Training configuration: frozen dataclasses hold every default, YAML presets override
+them, ``--set section.key=value`` overrides the YAML.
+
+An unknown key is an error that lists the valid ones; the resolved config is saved in
+the run folder as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from carlzoo.model import ModelConfig
+from carlzoo.training.augment import AugmentConfig
+
+__all__ = [
+    "DataConfig",
+    "OptimConfig",
+    "LossConfig",
+    "TrainConfig",
+    "ConfigError",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+    "save_config",
+    "preset_path",
+    "PRESETS",
+]
+
+PRESETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet64")
+_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "cifar10"
+    root: str = ""
+    download: bool = False
+    image_size: int = 32  # training crop size
+    pipeline: str = "device"  # "device": uint8 data + augmentation on the device; "dataloader"
+    device_budget_gb: float = 8.0  # keep the training set on the accelerator up to this size
+    workers: int = 8  # DataLoader workers for pipeline=dataloader and for the kNN monitor
+    subset: int = 0  # use only the first N training images (0: all); for smoke runs
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "sgd"  # "sgd" or "lars"
+    batch_size: int = 256  # global batch (split over processes under torchrun)
+    lr: float = 0.6  # peak learning rate at batch_size
+    min_lr: float = 0.0006
+    warmup_epochs: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lars_eta: float = 0.02  # trust coefficient for optimizer=lars
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kl_start: float = 4.0  # b in eq. 8
+    kl_end: float = 1.5  # a in eq. 8
+    kl_decay_epochs: float = 100.0  # E in eq. 8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    epochs: int = 200
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    precision: str = "bf16"  # "bf16" autocast on CUDA; "fp32" everywhere
+    channels_last: bool = True
+    compile: bool = False
+    sync_bn: bool = False  # SyncBatchNorm under torchrun
+    checkpoint_every: int = 50  # keep epoch-N checkpoints every N epochs (0: only `last`)
+    log_every: int = 50  # steps between progress-bar metric reductions
+    knn_every: int = 10  # epochs between kNN monitor evaluations (0: off)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_max_train: int = 50000  # cap on the kNN memory bank size
+    collapse_floor: float = 2.0  # effective number of prototypes below which we are collapsed
+    collapse_patience: int = 3  # collapsed epochs in a row before training stops
+
+
+_DATACLASSES = (ModelConfig, DataConfig, AugmentConfig, OptimConfig, LossConfig, TrainConfig)
+_CHOICES = {
+    ("data", "pipeline"): ("device", "dataloader"),
+    ("optim", "optimizer"): ("sgd", "lars"),
+    ("", "precision"): ("bf16", "fp32"),
+}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML / command-line value to the field's declared type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    types_ = _field_types(cls)
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; valid keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(types_))}"
+        )
+    kwargs = {name: _coerce(v, types_[name], prefix + name) for name, v in values.items()}
+    for (section, name), choices in _CHOICES.items():
+        if prefix.rstrip(".") == section and name in kwargs and kwargs[name] not in choices:
+            raise ConfigError(f"{prefix}{name}={kwargs[name]!r}: expected one of {list(choices)}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) of a config dataclass."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    return _build(TrainConfig, values)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=0.3")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict."""
+    out = _merge({}, values)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def preset_path(name: str) -> Path:
+    """Path of a bundled YAML preset (``cifar10``, ``stl10``, ...)."""
+    path = _CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no preset named {name!r}; presets: {', '.join(PRESETS)}")
+    return path
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), **updates: Any
+) -> TrainConfig:
+    """Defaults <- YAML file (or preset name) <- ``overrides`` <- keyword ``updates``.
+
+    ``updates`` are nested dicts keyed like the YAML (``data={"root": "/data"}``).
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.suffix and not p.exists():
+            p = preset_path(str(path))
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found; presets: {', '.join(PRESETS)}")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        values = loaded
+    values = apply_overrides(values, overrides)
+    values = _merge(values, updates)
+    return config_from_dict(values)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

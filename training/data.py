@@ -1,0 +1,188 @@
+"""Batches of two augmented views, in one of two pipelines.
+
+``device`` (default): the uint8 training set lives on the accelerator (or in pinned host
+memory streamed batch by batch when it exceeds the budget); shuffling, batching and the
+per-sample augmentation all run on the device, with no host synchronisation per step.
+
+``dataloader``: the classic torch DataLoader with torchvision PIL transforms in worker
+processes; the baseline the throughput benchmark compares against, and the fallback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from carlzoo.training.augment import AugmentConfig, BatchAugment, torchvision_transform
+
+__all__ = [
+    "DeviceImageStore",
+    "TwoViewDataset",
+    "epoch_permutation",
+    "rank_batches",
+    "DevicePipeline",
+    "DataLoaderPipeline",
+    "epoch_seed",
+]
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Seed of every random draw in one epoch: resuming at an epoch boundary needs no state."""
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
+    """The same permutation of ``n`` indices on every rank for a given (seed, epoch)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(epoch_seed(seed, epoch))
+    return torch.randperm(n, generator=g, device=device)
+
+
+def rank_batches(perm: Tensor, global_batch: int, rank: int, world: int) -> list[Tensor]:
+    """Split a permutation into this rank's batches (drop_last; equal sizes on all ranks)."""
+    local = global_batch // world
+    steps = perm.numel() // global_batch
+    view = perm[: steps * global_batch].view(steps, world, local)  # (steps, W, b)
+    return list(view[:, rank].unbind(0))
+
+
+class DeviceImageStore:
+    """uint8 NCHW images on the device when they fit ``budget_bytes``, else pinned on the host."""
+
+    def __init__(self, images: np.ndarray, device: torch.device, budget_bytes: float) -> None:
+        nchw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, H, W)
+        self.device = device
+        self.resident = device.type == "cpu" or nchw.numel() <= budget_bytes
+        if device.type == "cpu":
+            self.data = nchw.contiguous()
+        elif self.resident:
+            self.data = nchw.to(device).contiguous()
+        else:
+            self.data = nchw.contiguous().pin_memory()
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def gather(self, idx: Tensor) -> Tensor:
+        """(b, 3, H, W) uint8 on the device."""
+        if self.resident:
+            return self.data.index_select(0, idx)
+        out = self.data.index_select(0, idx.cpu()).pin_memory()
+        return out.to(self.device, non_blocking=True)
+
+
+class DevicePipeline:
+    """Shuffle, batch and augment on the device; yields (view_a, view_b) float tensors."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        cfg: AugmentConfig,
+        size: int,
+        device: torch.device,
+        global_batch: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        budget_bytes: float = 8e9,
+        channels_last: bool = False,
+    ) -> None:
+        self.store = DeviceImageStore(images, device, budget_bytes)
+        self.augment = BatchAugment(cfg, size)
+        self.device = device
+        self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
+        self.channels_last = channels_last
+        if len(self.store) < global_batch:
+            raise ValueError(
+                f"the training set has {len(self.store)} images, fewer than one "
+                f"batch of {global_batch}; lower optim.batch_size"
+            )
+
+    def __len__(self) -> int:
+        return len(self.store) // self.global_batch
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        perm_device = self.device if self.store.resident else torch.device("cpu")
+        perm = epoch_permutation(len(self.store), self.seed, epoch, perm_device)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(epoch_seed(self.seed, epoch, self.rank) + 1)
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for idx in rank_batches(perm, self.global_batch, self.rank, self.world):
+            x = self.store.gather(idx)
+            yield (
+                self.augment(x, generator=g).contiguous(memory_format=fmt),
+                self.augment(x, generator=g).contiguous(memory_format=fmt),
+            )
+
+
+class TwoViewDataset(Dataset):
+    """Two independently augmented views of each image, through PIL transforms."""
+
+    def __init__(self, images: np.ndarray, cfg: AugmentConfig, size: int) -> None:
+        self.images = images
+        self.transform = torchvision_transform(cfg, size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        img = Image.fromarray(self.images[i])
+        return self.transform(img), self.transform(img)
+
+
+class DataLoaderPipeline:
+    """torch DataLoader + torchvision transforms in ``workers`` processes."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        cfg: AugmentConfig,
+        size: int,
+        device: torch.device,
+        global_batch: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        workers: int = 8,
+        channels_last: bool = False,
+    ) -> None:
+        self.dataset = TwoViewDataset(images, cfg, size)
+        self.device, self.seed, self.rank, self.world = device, seed, rank, world
+        self.global_batch = global_batch
+        self.channels_last = channels_last
+        self.workers = workers
+        if len(self.dataset) < global_batch:
+            raise ValueError(
+                f"the training set has {len(self.dataset)} images, fewer than one "
+                f"batch of {global_batch}; lower optim.batch_size"
+            )
+
+    def __len__(self) -> int:
+        return len(self.dataset) // self.global_batch
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        perm = epoch_permutation(len(self.dataset), self.seed, epoch, torch.device("cpu"))
+        batches = rank_batches(perm, self.global_batch, self.rank, self.world)
+        g = torch.Generator()
+        g.manual_seed(epoch_seed(self.seed, epoch, self.rank) + 1)
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=[b.tolist() for b in batches],
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=g,
+            persistent_workers=False,
+        )
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for xa, xb in loader:
+            yield (
+                xa.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
+                xb.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
+            )

@@ -1,0 +1,96 @@
+"""A small opt-in layer over torch.distributed.
+
+Every helper falls back to the single-process answer when no process group is
+initialised, so the same training code runs on one CPU process and under torchrun.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = [
+    "is_distributed",
+    "rank",
+    "local_rank",
+    "world_size",
+    "is_main_process",
+    "all_reduce_sum",
+    "differentiable_all_reduce_sum",
+    "init_from_env",
+    "barrier",
+    "destroy",
+]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0)) if is_distributed() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of ``x`` over all processes (no gradient); ``x`` itself with no process group."""
+    if not is_distributed():
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def differentiable_all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum over processes whose backward sums the incoming gradients over processes too.
+
+    With DDP averaging gradients over W processes, a loss computed from this global sum
+    on every rank gets exactly the gradient of the single-process loss on the global
+    batch: each rank receives W times its own share, and DDP divides by W.
+    """
+    if not is_distributed():
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x, op=dist.ReduceOp.SUM)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def init_from_env(device_type: str) -> bool:
+    """Initialise the default process group when launched by torchrun.
+
+    Returns True when a process group is (now) initialised. nccl on CUDA, gloo on CPU.
+    """
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return False
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    return True
+
+
+def destroy() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

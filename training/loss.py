@@ -1,0 +1,108 @@
+"""The CARL objective (Silva & Ramirez Rivera, SAC 2022, arXiv 2112.15421).
+
+Pure functions, one per term of the paper, and :class:`CARLLoss`, which combines them
+and returns every term so each can be logged. Softmax and logarithms run in float32
+whatever the autocast context.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from carlzoo.training import dist
+
+__all__ = [
+    "consistency_loss",
+    "uniform_prior_loss",
+    "mean_assignment",
+    "kl_to_uniform",
+    "kl_weight",
+    "CARLLoss",
+    "LossTerms",
+]
+
+_EPS = 1e-8
+
+
+def consistency_loss(p_a: Tensor, p_b: Tensor) -> Tensor:
+    """Eq. 4: L_c = -1/B sum_i log <p_i^a, p_i^b>.
+
+    Args:
+        p_a, p_b: (B, K) assignment probabilities of two views of the same B images.
+    Returns:
+        Scalar; 0 when both views put all mass on the same prototype.
+    """
+    agreement = (p_a.float() * p_b.float()).sum(dim=1)  # (B,)
+    return -torch.log(agreement.clamp_min(_EPS)).mean()
+
+
+def mean_assignment(p: Tensor) -> Tensor:
+    """Eq. 5: pbar = mean of the assignments over the batch, the GLOBAL batch under DDP.
+
+    Args:
+        p: (N, K) assignment probabilities (both views stacked).
+    Returns:
+        (K,) mean assignment. Under torch.distributed the sums are all-reduced with a
+        differentiable collective, so the uniform prior (which depends only on pbar) does
+        not change with the number of processes and its gradient is the global one.
+    """
+    p = p.float()
+    total = dist.differentiable_all_reduce_sum(p.sum(dim=0))  # (K,)
+    count = p.shape[0] * dist.world_size()  # equal per-rank batches (drop_last)
+    return total / count
+
+
+def uniform_prior_loss(p: Tensor) -> Tensor:
+    """Eq. 5-6: L_KL = KL(pbar || uniform) = log K + sum_k pbar_k log pbar_k.
+
+    Args:
+        p: (N, K) assignment probabilities; pbar is their (global) batch mean.
+    Returns:
+        Scalar in [0, log K]: 0 for a uniform mean assignment, log K when every image
+        sits on one prototype.
+    """
+    return kl_to_uniform(mean_assignment(p))
+
+
+def kl_to_uniform(pbar: Tensor) -> Tensor:
+    """Eq. 6 for a given mean assignment: log K + sum_k pbar_k log pbar_k."""
+    return math.log(pbar.shape[0]) + (pbar * torch.log(pbar.clamp_min(_EPS))).sum()
+
+
+def kl_weight(epoch: float, start: float, end: float, decay_epochs: float) -> float:
+    """Eq. 8: lambda_e decays linearly from ``start`` (b) to ``end`` (a) over ``decay_epochs``.
+
+    lambda_e = b - (b - a) * min(e, E) / E; constant at ``end`` after the decay.
+    """
+    if decay_epochs <= 0:
+        return float(end)
+    t = min(max(float(epoch), 0.0), float(decay_epochs)) / float(decay_epochs)
+    return float(start + (end - start) * t)
+
+
+class LossTerms(NamedTuple):
+    total: Tensor
+    consistency: Tensor
+    uniform_prior: Tensor
+    mean_assignment: Tensor  # (K,) detached global mean assignment, for monitoring
+
+
+class CARLLoss(nn.Module):
+    """Eq. 7: L = L_c + lambda_e * L_KL, from the prototype logits of two views."""
+
+    def forward(self, logits_a: Tensor, logits_b: Tensor, kl_weight: float | Tensor) -> LossTerms:
+        # Eq. 3 in float32: a bf16 softmax over K prototypes loses the small probabilities
+        # the uniform prior acts on.
+        with torch.autocast(device_type=logits_a.device.type, enabled=False):
+            p_a = torch.softmax(logits_a.float(), dim=1)  # (B, K)
+            p_b = torch.softmax(logits_b.float(), dim=1)  # (B, K)
+            l_c = consistency_loss(p_a, p_b)
+            p = torch.cat([p_a, p_b])  # (2B, K)
+            pbar = mean_assignment(p)
+            l_kl = kl_to_uniform(pbar)
+            total = l_c + kl_weight * l_kl
+        return LossTerms(total, l_c.detach(), l_kl.detach(), pbar.detach())

@@ -1,0 +1,439 @@
+"""The CARL training loop: data, model, loss, optimiser, schedules, resume, loop.
+
+Runs unchanged on one CPU process, one GPU, or N processes under torchrun (DDP).
+Everything a step needs is on the device; metrics are reduced to Python numbers only
+once per logging interval and once per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from carlzoo.model import CARLModel, build_model
+from carlzoo.training import dist
+from carlzoo.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from carlzoo.training.config import TrainConfig, config_to_dict, save_config
+from carlzoo.training.data import DataLoaderPipeline, DevicePipeline
+from carlzoo.training.datasets import ImageArrays, load_split
+from carlzoo.training.features import extract_features
+from carlzoo.training.knn import knn_accuracy
+from carlzoo.training.loss import CARLLoss, kl_weight
+
+__all__ = [
+    "train",
+    "CollapseError",
+    "cosine_schedule",
+    "build_optimizer",
+    "resolve_device",
+    "effective_prototypes",
+    "unwrap",
+]
+
+log = logging.getLogger("carlzoo.train")
+
+
+class CollapseError(RuntimeError):
+    """Training stopped because the prototype assignment collapsed."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist.local_rank())
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={name!r} asked for, but CUDA is not available; use --set device=cpu"
+        )
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", dist.local_rank())
+    return device
+
+
+def cosine_schedule(
+    base: float, final: float, total_steps: int, warmup_steps: int = 0
+) -> np.ndarray:
+    """Per-step values: linear warm-up from 0 to ``base``, then cosine down to ``final``."""
+    warmup = np.linspace(0.0, base, warmup_steps, endpoint=False) if warmup_steps else np.zeros(0)
+    n = max(total_steps - warmup_steps, 0)
+    t = np.arange(n) / max(n, 1)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))
+    return np.concatenate([warmup, cosine])
+
+
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    """SGD with momentum or LARS; no weight decay (and no LARS adaptation) on norms and biases."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    o = cfg.optim
+    groups = [
+        {"params": decay, "weight_decay": o.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if o.optimizer == "lars":
+        # timm's LARS adapts only groups with weight decay (always_adapt=False), which
+        # excludes norms and biases as in SimCLR / BYOL.
+        from timm.optim import Lars
+
+        return Lars(groups, lr=o.lr, momentum=o.momentum, trust_coeff=o.lars_eta)
+    fused = device.type == "cuda"
+    return torch.optim.SGD(
+        groups, lr=o.lr, momentum=o.momentum, fused=fused, foreach=None if fused else True
+    )
+
+
+def unwrap(model: nn.Module) -> CARLModel:
+    """The CARLModel inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module"):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model  # type: ignore[return-value]
+
+
+def effective_prototypes(mean_p: Tensor) -> float:
+    """exp(H(pbar)): 1 when every image sits on one prototype, K when use is uniform."""
+    p = mean_p.double().clamp_min(1e-12)
+    p = p / p.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _load_data(cfg: TrainConfig) -> tuple[ImageArrays, ImageArrays | None, ImageArrays | None]:
+    d = cfg.data
+    size = d.image_size if d.dataset in ("imagefolder", "folder") else None
+    pretrain = load_split(d.dataset, d.root, "pretrain", download=d.download, image_size=size)
+    if d.subset:
+        pretrain = ImageArrays(
+            pretrain.images[: d.subset],
+            None if pretrain.labels is None else pretrain.labels[: d.subset],
+            pretrain.classes,
+        )
+    train_l = test = None
+    if cfg.knn_every and d.dataset != "folder":
+        train_l = load_split(d.dataset, d.root, "train", image_size=size)
+        test = load_split(d.dataset, d.root, "test", image_size=size)
+        if train_l.labels is None or test.labels is None:
+            train_l = test = None
+        elif len(train_l) > cfg.knn_max_train:
+            idx = np.random.default_rng(0).permutation(len(train_l))[: cfg.knn_max_train]
+            idx.sort()
+            train_l = ImageArrays(train_l.images[idx], train_l.labels[idx], train_l.classes)
+    return pretrain, train_l, test
+
+
+def _knn_monitor(
+    model: CARLModel,
+    cfg: TrainConfig,
+    train_l: ImageArrays,
+    test: ImageArrays,
+    device: torch.device,
+) -> dict[str, float]:
+    kw = dict(
+        mean=cfg.augment.mean,
+        std=cfg.augment.std,
+        size=cfg.data.image_size,
+        device=device,
+        channels_last=cfg.channels_last and device.type == "cuda",
+        amp=cfg.precision == "bf16",
+    )
+    f_train = extract_features(model, train_l.images, **kw)
+    f_test = extract_features(model, test.images, **kw)
+    acc = knn_accuracy(
+        f_train,
+        torch.from_numpy(train_l.labels),
+        f_test,
+        torch.from_numpy(test.labels),
+        k=cfg.knn_k,
+        t=cfg.knn_t,
+    )
+    return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _collapse_message(eff: float, cfg: TrainConfig, epochs: int) -> str:
+    return (
+        f"training stopped: the prototype assignment collapsed (effective number of "
+        f"prototypes {eff:.2f} < collapse_floor {cfg.collapse_floor} for {epochs} epochs). "
+        f"Fixes: raise loss.kl_start / loss.kl_end, use model.logits=cosine with "
+        f"model.temperature 0.1, or lower optim.lr (now {cfg.optim.lr})."
+    )
+
+
+def train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train CARL as ``cfg`` says, writing config, metrics and checkpoints to ``out_dir``.
+
+    ``stop_after`` ends the run after that many epochs in this call (a time-boxed job);
+    the schedules still follow ``cfg.epochs``, so ``--resume`` continues it exactly.
+    Returns the last epoch's metrics.
+    """
+    out_dir = Path(out_dir)
+    # ---- distributed and device -------------------------------------------------------
+    wants_cuda = cfg.device.startswith("cuda") or (
+        cfg.device == "auto" and torch.cuda.is_available()
+    )
+    dist.init_from_env("cuda" if wants_cuda else "cpu")
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    rank, world = dist.rank(), dist.world_size()
+    main = dist.is_main_process()
+    if cfg.optim.batch_size % world:
+        raise ValueError(
+            f"optim.batch_size={cfg.optim.batch_size} is not divisible by the {world} processes"
+        )
+    ckpt_dir = out_dir / "checkpoints"
+    last_path = ckpt_dir / "last.safetensors"
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume and last_path.exists():
+            raise FileExistsError(
+                f"{out_dir} already holds a run (checkpoints/last.safetensors);"
+                " pass --resume to continue it or choose another --out"
+            )
+        save_config(cfg, out_dir / "config.yaml")
+    dist.barrier()
+
+    # ---- data -------------------------------------------------------------------------
+    pretrain, train_l, test = _load_data(cfg)
+    common = dict(
+        seed=cfg.seed,
+        rank=rank,
+        world=world,
+        channels_last=cfg.channels_last and device.type == "cuda",
+    )
+    if cfg.data.pipeline == "device":
+        data = DevicePipeline(
+            pretrain.images,
+            cfg.augment,
+            cfg.data.image_size,
+            device,
+            cfg.optim.batch_size,
+            budget_bytes=cfg.data.device_budget_gb * 1e9,
+            **common,
+        )
+    else:
+        data = DataLoaderPipeline(
+            pretrain.images,
+            cfg.augment,
+            cfg.data.image_size,
+            device,
+            cfg.optim.batch_size,
+            workers=cfg.data.workers,
+            **common,
+        )
+    steps_per_epoch = len(data)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    # ---- model, loss, optimiser, schedules -------------------------------------------
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, cfg, device)
+    # Linear scaling of the peak lr with the global batch is left to the recipe: lr is
+    # the value at optim.batch_size.
+    lr_schedule = cosine_schedule(
+        cfg.optim.lr,
+        cfg.optim.min_lr,
+        total_steps,
+        round(cfg.optim.warmup_epochs * steps_per_epoch),
+    )
+    criterion = CARLLoss()
+
+    # ---- resume -----------------------------------------------------------------------
+    start_epoch, step = 0, 0
+    if resume and last_path.exists():
+        ckpt = load_checkpoint(last_path)
+        unwrap(model).load_state_dict(ckpt.model)
+        if ckpt.optimizer is not None:
+            optimizer.load_state_dict(ckpt.optimizer)
+        start_epoch, step = ckpt.epoch, ckpt.step
+        if "torch" in ckpt.rng:
+            torch.set_rng_state(ckpt.rng["torch"])
+        if "cuda" in ckpt.rng and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt.rng["cuda"], device)
+        if main:
+            log.info("resumed from %s at epoch %d, step %d", last_path, start_epoch, step)
+    elif resume and main:
+        log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+
+    train_model: nn.Module = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    amp = cfg.precision == "bf16" and device.type == "cuda"
+    k = cfg.model.num_prototypes
+    metrics_path = out_dir / "metrics.jsonl"
+    collapsed_epochs = 0
+    last: dict[str, Any] = {}
+    end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+
+    # ---- loop -------------------------------------------------------------------------
+    for epoch in range(start_epoch, end_epoch):
+        train_model.train()
+        lam = kl_weight(epoch, cfg.loss.kl_start, cfg.loss.kl_end, cfg.loss.kl_decay_epochs)
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # total, L_c, L_KL
+        mean_p = torch.zeros(k, device=device, dtype=torch.float64)
+        usage = torch.zeros(k, device=device, dtype=torch.float64)
+        n_steps = 0
+        bar = None
+        if progress and main:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for xa, xb in data.epoch(epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr_schedule[min(step, total_steps - 1)])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = train_model(torch.cat([xa, xb])).logits  # (2B, K)
+            logits_a, logits_b = logits.float().chunk(2)
+            terms = criterion(logits_a, logits_b, lam)
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            optimizer.step()
+            step += 1
+            n_steps += 1
+            with torch.no_grad():
+                sums += torch.stack(
+                    [terms.total.detach(), terms.consistency, terms.uniform_prior]
+                ).double()
+                mean_p += terms.mean_assignment.double()
+                usage.index_add_(
+                    0,
+                    logits.detach().argmax(dim=1),
+                    torch.ones(logits.shape[0], device=device, dtype=torch.float64),
+                )
+            if bar is not None:
+                bar.update(1)
+                if n_steps % cfg.log_every == 0 or n_steps == steps_per_epoch:
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(
+                        loss=f"{float(sums[0]) / n_steps:.4f}",
+                        img_s=f"{n_steps * cfg.optim.batch_size / elapsed:.0f}",
+                    )
+        if bar is not None:
+            bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        epoch_time = time.perf_counter() - t0
+
+        # ---- epoch metrics (reduced over ranks) ---------------------------------------
+        sums = dist.all_reduce_sum(sums) / world
+        usage = dist.all_reduce_sum(usage)
+        mean_p = mean_p / max(n_steps, 1)  # already the global mean per step
+        eff = effective_prototypes(mean_p)
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": float(sums[0]) / max(n_steps, 1),
+            "consistency": float(sums[1]) / max(n_steps, 1),
+            "uniform_prior": float(sums[2]) / max(n_steps, 1),
+            "kl_weight": lam,
+            "lr": float(lr_schedule[min(step, total_steps) - 1]),
+            "prototypes_used": int((usage > 0).sum()),
+            "effective_prototypes": eff,
+            "images_per_s": n_steps * cfg.optim.batch_size / epoch_time,
+            "epoch_time_s": epoch_time,
+        }
+        final_epoch = epoch + 1 == cfg.epochs
+        if (
+            train_l is not None
+            and test is not None
+            and main
+            and ((epoch + 1) % cfg.knn_every == 0 or final_epoch)
+        ):
+            record.update(_knn_monitor(model, cfg, train_l, test, device))
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(
+                f"epoch {epoch + 1}: loss is {record['loss']}; lower "
+                f"optim.lr (now {cfg.optim.lr}) or use precision=fp32"
+            )
+        collapsed_epochs = collapsed_epochs + 1 if eff < cfg.collapse_floor else 0
+        record["collapsed_epochs"] = collapsed_epochs
+
+        # ---- checkpoint and log (rank 0) ---------------------------------------------
+        if main:
+            ckpt = Checkpoint(
+                model=unwrap(model).state_dict(),
+                optimizer=optimizer.state_dict(),
+                epoch=epoch + 1,
+                step=step,
+                config=config_to_dict(cfg),
+                metrics=record,
+                rng=_rng_state(device),
+            )
+            save_checkpoint(last_path, ckpt)
+            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
+                save_checkpoint(ckpt_dir / f"epoch_{epoch + 1:04d}.safetensors", ckpt)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            knn = f", kNN {record['knn_top1']:.2f}%" if "knn_top1" in record else ""
+            log.info(
+                "epoch %d/%d loss %.4f (L_c %.4f, L_KL %.4f, lambda %.2f) prototypes %d/%d "
+                "(effective %.1f) %.0f img/s%s",
+                epoch + 1,
+                cfg.epochs,
+                record["loss"],
+                record["consistency"],
+                record["uniform_prior"],
+                lam,
+                record["prototypes_used"],
+                k,
+                eff,
+                record["images_per_s"],
+                knn,
+            )
+        dist.barrier()
+        last = record
+        if collapsed_epochs >= cfg.collapse_patience:
+            raise CollapseError(_collapse_message(eff, cfg, collapsed_epochs))
+    return last
