@@ -1,0 +1,49 @@
+import numpy as np
+from click.testing import CliRunner
+
+import carlzoo
+from carlzoo.cli.main import main
+
+
+def test_help_and_version():
+    runner = CliRunner()
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0 and "train" in result.output
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0 and carlzoo.__version__ in result.output
+
+
+def test_train_bad_key_is_one_clear_line(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--config", "cifar10", "--data-root", "x",
+                                       "--out", str(tmp_path / "r"), "--set", "optim.lrr=1"])
+    assert result.exit_code != 0
+    assert "unknown config key optim.lrr" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_train_missing_data_root(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--config", "cifar10", "--out", str(tmp_path)])
+    assert result.exit_code != 0 and "--data-root" in result.output
+
+
+def test_train_missing_dataset_names_path(tmp_path):
+    result = CliRunner().invoke(main, ["train", "--config", "cifar10", "--data-root",
+                                       str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
+    assert result.exit_code != 0
+    assert "nowhere" in result.output and "--download" in result.output
+
+
+def test_train_command_runs_end_to_end(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    y = rng.integers(0, 2, 40)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    args = ["train", "--dataset", "npz", "--data-root", str(tmp_path / "d.npz"),
+            "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress",
+            "--set", "model.width=4", "--set", "model.num_prototypes=10",
+            "--set", "data.image_size=16", "--set", "optim.batch_size=16",
+            "--set", "device=cpu", "--set", "knn_k=5"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "kNN top-1" in result.output
+    assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()

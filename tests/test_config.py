@@ -1,0 +1,85 @@
+import pytest
+import yaml
+
+from carlzoo.training.config import (
+    PRESETS,
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+    save_config,
+)
+
+
+def test_defaults_are_the_paper_settings():
+    cfg = TrainConfig()
+    assert cfg.optim.batch_size == 256
+    assert (cfg.optim.lr, cfg.optim.min_lr, cfg.optim.weight_decay) == (0.6, 0.0006, 5e-4)
+    assert (cfg.loss.kl_start, cfg.loss.kl_end, cfg.loss.kl_decay_epochs) == (4.0, 1.5, 100.0)
+    assert cfg.model.logits == "cosine" and cfg.model.temperature == 0.1
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads(name):
+    cfg = load_config(name)
+    assert cfg.data.dataset == name
+
+
+def test_preset_prototype_counts_follow_the_paper():
+    assert load_config("cifar10").model.num_prototypes == 100
+    assert load_config("cifar100").model.num_prototypes == 300
+    assert load_config("stl10").model.num_prototypes == 300
+    assert load_config("imagenet64").model.num_prototypes == 3000
+
+
+def test_overrides_parse_yaml_values_and_win_over_the_file():
+    cfg = load_config("cifar10", ["optim.lr=0.3", "augment.crop_scale=[0.2, 1.0]",
+                                  "compile=true", "epochs=5"], data={"root": "/d"})
+    assert cfg.optim.lr == 0.3
+    assert cfg.augment.crop_scale == (0.2, 1.0)
+    assert cfg.compile is True and cfg.epochs == 5 and cfg.data.root == "/d"
+    assert cfg.model.num_prototypes == 100  # from the preset
+
+
+def test_unknown_key_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown config key optim\.lrr.*valid keys.*lr"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="unknown config key epochz"):
+        config_from_dict({"epochz": 3})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.lr=fast", "optim.lr: expected a number"),
+        ("epochs=2.5", "epochs: expected an integer"),
+        ("compile=maybe", "compile: expected true or false"),
+        ("data.pipeline=gpu", "data.pipeline='gpu': expected one of"),
+        ("model.backbone=vgg", "model.backbone"),
+        ("optim=3", "optim: expected a mapping"),
+        ("lr", "expected section.key=value"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no preset named 'cifar11'"):
+        load_config("cifar11")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config("stl10", ["optim.lr=0.1"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+    assert config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
+    assert config_from_dict(config_to_dict(cfg)) == cfg

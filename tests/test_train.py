@@ -1,0 +1,134 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from carlzoo.training.checkpoint import CheckpointError, load_checkpoint
+from carlzoo.training.config import load_config
+from carlzoo.training.datasets import DatasetError
+from carlzoo.training.run import load_run
+from carlzoo.training.train import CollapseError, cosine_schedule, effective_prototypes, train
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (96, 16, 16, 3), dtype=np.uint8)
+    y = rng.integers(0, 3, 96)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(path, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32])
+    return path
+
+
+def tiny_config(root, *extra: str):
+    return load_config(None, [
+        "model.width=4", "model.num_prototypes=10", "data.dataset=npz", f"data.root={root}",
+        "data.image_size=16", "optim.batch_size=32", "epochs=2", "knn_every=1", "knn_k=5",
+        "device=cpu", "precision=fp32", "checkpoint_every=2", *extra,
+    ])
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_epoch_run_writes_metrics_checkpoints_and_config(tmp_path, tiny_npz):
+    run = tmp_path / "run"
+    last = train(tiny_config(tiny_npz), run, progress=False)
+    rows = read_metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("loss", "consistency", "uniform_prior", "kl_weight", "lr", "prototypes_used",
+                "effective_prototypes", "images_per_s", "knn_top1"):
+        assert key in rows[0]
+    assert rows[1]["step"] == 2 * (96 // 32)
+    assert rows[0]["kl_weight"] == 4.0 and rows[1]["kl_weight"] < 4.0
+    assert 1 <= rows[0]["prototypes_used"] <= 10
+    assert last == rows[-1]
+    assert (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.safetensors").is_file()
+    assert (run / "checkpoints" / "epoch_0002.safetensors").is_file()
+    ckpt = load_checkpoint(run / "checkpoints" / "last.safetensors")
+    assert ckpt.epoch == 2 and ckpt.step == 6 and ckpt.optimizer is not None
+    model, cfg, _ = load_run(run)
+    assert cfg.model.width == 4
+    torch.testing.assert_close(model.state_dict(), ckpt.model)
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, tiny_npz):
+    cfg = tiny_config(tiny_npz, "epochs=3", "knn_every=0")
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(cfg, full, progress=False)
+    train(cfg, split, progress=False, stop_after=1)
+    assert len(read_metrics(split)) == 1
+    train(cfg, split, progress=False, resume=True)
+    a, b = read_metrics(full), read_metrics(split)
+    assert [r["epoch"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "consistency", "uniform_prior", "lr", "kl_weight", "step"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), key
+    wa = load_checkpoint(full / "checkpoints" / "last.safetensors").model
+    wb = load_checkpoint(split / "checkpoints" / "last.safetensors").model
+    torch.testing.assert_close(wa, wb)
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path, tiny_npz):
+    cfg = tiny_config(tiny_npz, "epochs=1", "knn_every=0")
+    train(cfg, tmp_path / "run", progress=False)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_collapse_guard_stops_a_collapsing_run(tmp_path, tiny_npz):
+    # Without the uniform prior the trivial solution (every image on one prototype)
+    # minimises L_c; at a high lr it is reached within two epochs.
+    cfg = tiny_config(tiny_npz, "epochs=6", "knn_every=0", "loss.kl_start=0", "loss.kl_end=0",
+                      "optim.lr=2.0", "collapse_patience=2")
+    with pytest.raises(CollapseError, match=r"collapsed .*loss\.kl_start"):
+        train(cfg, tmp_path / "run", progress=False)
+    rows = read_metrics(tmp_path / "run")
+    assert rows[-1]["collapsed_epochs"] == 2 and rows[-1]["prototypes_used"] == 1
+    assert len(rows) < 6
+
+
+def test_collapse_guard_quiet_on_a_healthy_run(tmp_path, tiny_npz):
+    cfg = tiny_config(tiny_npz, "epochs=3", "knn_every=0", "collapse_patience=1")
+    train(cfg, tmp_path / "run", progress=False)
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == 3
+    assert all(r["effective_prototypes"] >= 2.0 for r in rows)
+
+
+def test_dataloader_pipeline_trains(tmp_path, tiny_npz):
+    cfg = tiny_config(tiny_npz, "epochs=1", "knn_every=0", "data.pipeline=dataloader",
+                      "data.workers=0")
+    last = train(cfg, tmp_path / "run", progress=False)
+    assert np.isfinite(last["loss"])
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    cfg = tiny_config(tmp_path / "missing.npz", "epochs=1")
+    with pytest.raises(DatasetError, match="missing.npz"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_corrupt_checkpoint_is_refused(tmp_path):
+    bad = tmp_path / "last.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        load_run(tmp_path)
+
+
+def test_effective_prototypes_known_answers():
+    assert effective_prototypes(torch.tensor([1.0, 0, 0, 0])) == pytest.approx(1.0)
+    assert effective_prototypes(torch.full((8,), 1 / 8)) == pytest.approx(8.0)
+
+
+def test_cosine_schedule_warmup_and_ends():
+    s = cosine_schedule(1.0, 0.01, total_steps=110, warmup_steps=10)
+    assert len(s) == 110
+    assert s[0] == 0.0 and s[9] < s[10] == pytest.approx(1.0)
+    assert s[-1] == pytest.approx(0.01, abs=1e-3)
+    assert np.all(np.diff(s[10:]) <= 1e-12)
