@@ -14,8 +14,20 @@ def test_help_and_version():
 
 
 def test_train_bad_key_is_one_clear_line(tmp_path):
-    result = CliRunner().invoke(main, ["train", "--config", "cifar10", "--data-root", "x",
-                                       "--out", str(tmp_path / "r"), "--set", "optim.lrr=1"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--config",
+            "cifar10",
+            "--data-root",
+            "x",
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            "optim.lrr=1",
+        ],
+    )
     assert result.exit_code != 0
     assert "unknown config key optim.lrr" in result.output
     assert "Traceback" not in result.output
@@ -27,8 +39,18 @@ def test_train_missing_data_root(tmp_path):
 
 
 def test_train_missing_dataset_names_path(tmp_path):
-    result = CliRunner().invoke(main, ["train", "--config", "cifar10", "--data-root",
-                                       str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--config",
+            "cifar10",
+            "--data-root",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     assert result.exit_code != 0
     assert "nowhere" in result.output and "--download" in result.output
 
@@ -38,11 +60,30 @@ def test_train_command_runs_end_to_end(tmp_path):
     x = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     y = rng.integers(0, 2, 40)
     np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
-    args = ["train", "--dataset", "npz", "--data-root", str(tmp_path / "d.npz"),
-            "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress",
-            "--set", "model.width=4", "--set", "model.num_prototypes=10",
-            "--set", "data.image_size=16", "--set", "optim.batch_size=16",
-            "--set", "device=cpu", "--set", "knn_k=5"]
+    args = [
+        "train",
+        "--dataset",
+        "npz",
+        "--data-root",
+        str(tmp_path / "d.npz"),
+        "--out",
+        str(tmp_path / "run"),
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--set",
+        "model.width=4",
+        "--set",
+        "model.num_prototypes=10",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "optim.batch_size=16",
+        "--set",
+        "device=cpu",
+        "--set",
+        "knn_k=5",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "kNN top-1" in result.output

@@ -34,8 +34,11 @@ def test_preset_prototype_counts_follow_the_paper():
 
 
 def test_overrides_parse_yaml_values_and_win_over_the_file():
-    cfg = load_config("cifar10", ["optim.lr=0.3", "augment.crop_scale=[0.2, 1.0]",
-                                  "compile=true", "epochs=5"], data={"root": "/d"})
+    cfg = load_config(
+        "cifar10",
+        ["optim.lr=0.3", "augment.crop_scale=[0.2, 1.0]", "compile=true", "epochs=5"],
+        data={"root": "/d"},
+    )
     assert cfg.optim.lr == 0.3
     assert cfg.augment.crop_scale == (0.2, 1.0)
     assert cfg.compile is True and cfg.epochs == 5 and cfg.data.root == "/d"

@@ -72,7 +72,9 @@ def test_every_trainable_parameter_gets_a_gradient():
     CARLLoss()(logits[:4], logits[4:], 2.0).total.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
-    zero = [n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() == 0]
+    zero = [
+        n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() == 0
+    ]
     assert not zero
 
 

@@ -10,21 +10,39 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_wheel_installs_only_carlzoo_names(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(tmp_path), str(ROOT)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--wheel-dir",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     (wheel,) = tmp_path.glob("carlzoo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"carlzoo", f"carlzoo-{carlzoo.__version__}.dist-info"}
-    for module in ("carlzoo/training/loss.py", "carlzoo/export/__init__.py",
-                   "carlzoo/cli/main.py", "carlzoo/training/configs/cifar10.yaml"):
+    for module in (
+        "carlzoo/training/loss.py",
+        "carlzoo/export/__init__.py",
+        "carlzoo/cli/main.py",
+        "carlzoo/training/configs/cifar10.yaml",
+    ):
         assert module in names
 
 
 def test_runtime_does_not_import_training():
-    code = ("import sys, carlzoo, carlzoo.model; "
-            "bad = [m for m in sys.modules if m.startswith('carlzoo.training')]; "
-            "assert not bad, bad")
+    code = (
+        "import sys, carlzoo, carlzoo.model; "
+        "bad = [m for m in sys.modules if m.startswith('carlzoo.training')]; "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

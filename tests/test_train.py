@@ -22,11 +22,24 @@ def tiny_npz(tmp_path_factory):
 
 
 def tiny_config(root, *extra: str):
-    return load_config(None, [
-        "model.width=4", "model.num_prototypes=10", "data.dataset=npz", f"data.root={root}",
-        "data.image_size=16", "optim.batch_size=32", "epochs=2", "knn_every=1", "knn_k=5",
-        "device=cpu", "precision=fp32", "checkpoint_every=2", *extra,
-    ])
+    return load_config(
+        None,
+        [
+            "model.width=4",
+            "model.num_prototypes=10",
+            "data.dataset=npz",
+            f"data.root={root}",
+            "data.image_size=16",
+            "optim.batch_size=32",
+            "epochs=2",
+            "knn_every=1",
+            "knn_k=5",
+            "device=cpu",
+            "precision=fp32",
+            "checkpoint_every=2",
+            *extra,
+        ],
+    )
 
 
 def read_metrics(run):
@@ -38,8 +51,17 @@ def test_two_epoch_run_writes_metrics_checkpoints_and_config(tmp_path, tiny_npz)
     last = train(tiny_config(tiny_npz), run, progress=False)
     rows = read_metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
-    for key in ("loss", "consistency", "uniform_prior", "kl_weight", "lr", "prototypes_used",
-                "effective_prototypes", "images_per_s", "knn_top1"):
+    for key in (
+        "loss",
+        "consistency",
+        "uniform_prior",
+        "kl_weight",
+        "lr",
+        "prototypes_used",
+        "effective_prototypes",
+        "images_per_s",
+        "knn_top1",
+    ):
         assert key in rows[0]
     assert rows[1]["step"] == 2 * (96 // 32)
     assert rows[0]["kl_weight"] == 4.0 and rows[1]["kl_weight"] < 4.0
@@ -82,8 +104,15 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, tiny_npz):
 def test_collapse_guard_stops_a_collapsing_run(tmp_path, tiny_npz):
     # Without the uniform prior the trivial solution (every image on one prototype)
     # minimises L_c; at a high lr it is reached within two epochs.
-    cfg = tiny_config(tiny_npz, "epochs=6", "knn_every=0", "loss.kl_start=0", "loss.kl_end=0",
-                      "optim.lr=2.0", "collapse_patience=2")
+    cfg = tiny_config(
+        tiny_npz,
+        "epochs=6",
+        "knn_every=0",
+        "loss.kl_start=0",
+        "loss.kl_end=0",
+        "optim.lr=2.0",
+        "collapse_patience=2",
+    )
     with pytest.raises(CollapseError, match=r"collapsed .*loss\.kl_start"):
         train(cfg, tmp_path / "run", progress=False)
     rows = read_metrics(tmp_path / "run")
@@ -100,8 +129,9 @@ def test_collapse_guard_quiet_on_a_healthy_run(tmp_path, tiny_npz):
 
 
 def test_dataloader_pipeline_trains(tmp_path, tiny_npz):
-    cfg = tiny_config(tiny_npz, "epochs=1", "knn_every=0", "data.pipeline=dataloader",
-                      "data.workers=0")
+    cfg = tiny_config(
+        tiny_npz, "epochs=1", "knn_every=0", "data.pipeline=dataloader", "data.workers=0"
+    )
     last = train(cfg, tmp_path / "run", progress=False)
     assert np.isfinite(last["loss"])
 
