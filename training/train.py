@@ -264,6 +264,11 @@ def train(
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and world > 1:
+        if device.type != "cuda":
+            raise ValueError(
+                "sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm has no "
+                "CPU kernel); use --set sync_bn=false on CPU processes"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg, device)
     # Linear scaling of the peak lr with the global batch is left to the recipe: lr is
