@@ -533,3 +533,36 @@ def test_npz_errors(tmp_path: Path) -> None:
     (tmp_path / "junk.npz").write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="junk.npz is not a readable .npz"):
         load_split("npz", tmp_path / "junk.npz", "train")
+
+
+def test_npz_with_encoded_images(tmp_path):
+    import io as _io
+
+    rng = np.random.default_rng(3)
+    imgs = rng.integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    blobs = []
+    for img in imgs:
+        buf = _io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG")  # lossless, so pixels round-trip
+        blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
+    off = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    path = tmp_path / "enc.npz"
+    np.savez(
+        path,
+        train_bytes=np.concatenate(blobs),
+        train_off=off,
+        y_train=np.arange(5),
+        test_bytes=np.concatenate(blobs[:2]),
+        test_off=off[:3],
+        y_test=np.arange(2),
+    )
+    train = load_split("npz", path, "train")
+    assert np.array_equal(train.images, imgs)
+    assert list(train.labels) == [0, 1, 2, 3, 4]
+    assert np.array_equal(load_split("npz", path, "test").images, imgs[:2])
+    bad = tmp_path / "bad.npz"
+    np.savez(
+        bad, train_bytes=np.concatenate(blobs), train_off=off[::-1].copy(), y_train=np.arange(5)
+    )
+    with pytest.raises(DatasetError, match="offsets"):
+        load_split("npz", bad, "train")

@@ -10,6 +10,7 @@ Supported names are listed in :data:`DATASETS`; see :func:`load_split`.
 from __future__ import annotations
 
 import importlib
+import io
 import logging
 import math
 import pickle
@@ -708,7 +709,17 @@ def _load_npz(
     part = "test" if split == "test" else "train"
     xk, yk = f"x_{part}", f"y_{part}"
     with _open_npz(name, root) as npz:
-        x = _npz_array(name, root, npz, xk)
+        if xk not in npz.files and f"{part}_bytes" in npz.files:
+            # Encoded variant: {part}_bytes holds every image file back to back and
+            # {part}_off (N + 1,) the offsets (e.g. a WebP copy small enough to ship).
+            x = _decode_encoded(
+                name,
+                root,
+                _npz_array(name, root, npz, f"{part}_bytes"),
+                _npz_array(name, root, npz, f"{part}_off"),
+            )
+        else:
+            x = _npz_array(name, root, npz, xk)
         y = _npz_array(name, root, npz, yk)
         names = _npz_array(name, root, npz, "class_names") if "class_names" in npz.files else None
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
@@ -730,6 +741,40 @@ def _load_npz(
     labels = _as_labels(name, root, y, x.shape[0], 0, len(classes) if classes else None, key=yk)
     images = _maybe_resize(np.ascontiguousarray(x), image_size)
     return ImageArrays(images, labels, classes)
+
+
+def _decode_encoded(name: str, path: Path, data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Decode images stored as concatenated files (``data[off[i]:off[i + 1]]``)."""
+    if data.dtype != np.uint8 or data.ndim != 1 or offsets.ndim != 1 or len(offsets) < 2:
+        raise DatasetError(
+            f"{name}: {path} encoded images need a 1-D uint8 bytes array and 1-D offsets "
+            f"(got {data.shape} {data.dtype} and {offsets.shape})"
+        )
+    if offsets[0] != 0 or offsets[-1] != len(data) or np.any(np.diff(offsets) <= 0):
+        raise DatasetError(f"{name}: {path} has inconsistent image offsets")
+
+    def decode(i: int) -> np.ndarray:
+        try:
+            with Image.open(io.BytesIO(data[offsets[i] : offsets[i + 1]].tobytes())) as img:
+                return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DatasetError(f"{name}: {path} image {i} cannot be decoded ({exc})") from exc
+
+    first = decode(0)
+    out = np.empty((len(offsets) - 1, *first.shape), dtype=np.uint8)
+    out[0] = first
+
+    def work(start: int, stop: int) -> None:
+        for i in range(max(start, 1), stop):
+            img = decode(i)
+            if img.shape != first.shape:
+                raise DatasetError(
+                    f"{name}: {path} image {i} is {img.shape}, image 0 is {first.shape}"
+                )
+            out[i] = img
+
+    _run_chunks(len(out), work, chunk=1024)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

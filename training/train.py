@@ -27,7 +27,7 @@ from carlzoo.training.data import DataLoaderPipeline, DevicePipeline
 from carlzoo.training.datasets import ImageArrays, load_split
 from carlzoo.training.features import extract_features
 from carlzoo.training.knn import knn_accuracy
-from carlzoo.training.loss import CARLLoss, kl_weight
+from carlzoo.training.loss import CARLLoss, LossTerms, kl_weight
 
 __all__ = [
     "train",
@@ -114,6 +114,29 @@ def effective_prototypes(mean_p: Tensor) -> float:
     p = mean_p.double().clamp_min(1e-12)
     p = p / p.sum()
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    criterion: CARLLoss,
+    xa: Tensor,
+    xb: Tensor,
+    lam: float,
+    amp: bool,
+) -> tuple[LossTerms, Tensor]:
+    """One CARL step on two views: forward both as one batch, eq. 7, backward, update.
+
+    Returns the loss terms and the (2B, K) logits, all still on the device (no sync).
+    """
+    with torch.autocast(xa.device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(torch.cat([xa, xb])).logits  # (2B, K)
+    logits_a, logits_b = logits.float().chunk(2)
+    terms = criterion(logits_a, logits_b, lam)
+    optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    optimizer.step()
+    return terms, logits
 
 
 def _load_data(cfg: TrainConfig) -> tuple[ImageArrays, ImageArrays | None, ImageArrays | None]:
@@ -338,13 +361,7 @@ def train(
         for xa, xb in data.epoch(epoch):
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_schedule[min(step, total_steps - 1)])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = train_model(torch.cat([xa, xb])).logits  # (2B, K)
-            logits_a, logits_b = logits.float().chunk(2)
-            terms = criterion(logits_a, logits_b, lam)
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            optimizer.step()
+            terms, logits = training_step(train_model, optimizer, criterion, xa, xb, lam, amp)
             step += 1
             n_steps += 1
             with torch.no_grad():
