@@ -1,0 +1,226 @@
+"""Training throughput of CARL: model-only step vs carlzoo's device pipeline vs DataLoader.
+
+Measures, in one run on one machine and at one batch size:
+  (1) model   the training step alone on pre-augmented tensors already on the device;
+  (2) carlzoo the full device pipeline: uint8 data on the device, per-sample augmentation
+              on the device, the same step;
+  (3) loader  torch DataLoader + torchvision PIL transforms in N workers, the same step.
+and prints images/s, seconds per CIFAR-10 epoch (50,000 images), peak memory and the ratios
+(2)/(1) and (2)/(3).
+
+    python benchmarks/train_throughput.py --data cifar10.npz              # GPU, batch 512
+    python benchmarks/train_throughput.py --cpu-smoke                     # tiny CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+import carlzoo
+from carlzoo.model import ModelConfig, build_model
+from carlzoo.training.augment import AUGMENT_PRESETS
+from carlzoo.training.config import TrainConfig
+from carlzoo.training.data import DataLoaderPipeline, DevicePipeline
+from carlzoo.training.datasets import load_split
+from carlzoo.training.loss import CARLLoss
+from carlzoo.training.train import build_optimizer, training_step
+
+CIFAR10_TRAIN = 50_000
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--data",
+        default=None,
+        help=".npz with x_train (or the WebP-encoded variant); random uint8 images when omitted",
+    )
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=15, help="untimed steps first")
+    p.add_argument("--workers", type=int, default=16, help="DataLoader workers for (3)")
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--prototypes", type=int, default=100)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--skip-loader", action="store_true", help="skip measurement (3)")
+    p.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="tiny CPU run: width 8, batch 32, 4 steps, 2 workers",
+    )
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    return p.parse_args()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    name: str,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    step,
+    args,
+    device: torch.device,
+) -> dict[str, float]:
+    for _ in range(args.warmup):
+        step(*next(batches))
+    sync(device)
+    reset_peak(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step(*next(batches))
+    sync(device)
+    dt = time.perf_counter() - t0
+    ips = args.steps * args.batch_size / dt
+    res = {
+        "images_per_s": ips,
+        "s_per_cifar10_epoch": CIFAR10_TRAIN / ips,
+        "peak_memory_mb": peak_memory_mb(device),
+    }
+    print(
+        f"  {name:8s} {ips:10.0f} img/s   {res['s_per_cifar10_epoch']:7.2f} s/epoch   "
+        f"peak {res['peak_memory_mb']:8.0f} MiB",
+        flush=True,
+    )
+    return res
+
+
+def forever(pipeline) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 0
+    while True:
+        yield from pipeline.epoch(epoch)
+        epoch += 1
+
+
+def main() -> None:
+    args = parse_args()
+    if args.cpu_smoke:
+        args.width, args.batch_size, args.steps, args.warmup, args.workers = 8, 32, 4, 1, 2
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    amp = device.type == "cuda"
+    channels_last = device.type == "cuda"
+
+    if args.data:
+        images = load_split("npz", args.data, "train").images
+    else:
+        n = max(4 * args.batch_size, 2048 if args.cpu_smoke else CIFAR10_TRAIN)
+        images = np.random.default_rng(0).integers(
+            0, 256, (n, args.size, args.size, 3), dtype=np.uint8
+        )
+    aug = AUGMENT_PRESETS[32 if args.size <= 32 else 64 if args.size <= 64 else 96]
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(model=ModelConfig(width=args.width, num_prototypes=args.prototypes))
+    model = build_model(cfg.model).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = build_optimizer(model, cfg, device)
+    criterion = CARLLoss()
+    train_model = torch.compile(model) if args.compile else model
+
+    def step(xa: torch.Tensor, xb: torch.Tensor) -> None:
+        training_step(train_model, optimizer, criterion, xa, xb, 2.0, amp)
+
+    print("carlzoo train throughput")
+    print(
+        f"  device   {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}"
+        f" ({os.cpu_count()} CPU cores, {platform.processor() or platform.machine()})"
+    )
+    print(
+        f"  versions python {sys.version.split()[0]}, torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, carlzoo {carlzoo.__version__}"
+    )
+    precision = "bf16 autocast, channels_last" if amp else "fp32"
+    print(
+        f"  setup    ResNet-18 width {args.width}, CIFAR stem, K={args.prototypes}, two views, "
+        f"batch {args.batch_size}, {args.size} px, {precision}"
+        f"{', compiled' if args.compile else ''}; {len(images)} training images"
+        f"{' from ' + Path(args.data).name if args.data else ' (random)'}"
+    )
+    results: dict[str, dict[str, float]] = {}
+
+    # (1) model-only: pre-augmented views already on the device.
+    pre = DevicePipeline(
+        images[: 4 * args.batch_size],
+        aug,
+        args.size,
+        device,
+        args.batch_size,
+        seed=0,
+        channels_last=channels_last,
+    )
+    fixed = list(pre.epoch(0))
+    results["model"] = measure(
+        "model", (fixed[i % len(fixed)] for i in range(10**9)), step, args, device
+    )
+
+    # (2) carlzoo: device-resident uint8 + per-sample device augmentation.
+    pipe = DevicePipeline(
+        images, aug, args.size, device, args.batch_size, seed=0, channels_last=channels_last
+    )
+    results["carlzoo"] = measure("carlzoo", forever(pipe), step, args, device)
+
+    # (3) DataLoader + torchvision transforms.
+    if not args.skip_loader:
+        loader = DataLoaderPipeline(
+            images,
+            aug,
+            args.size,
+            device,
+            args.batch_size,
+            seed=0,
+            workers=args.workers,
+            channels_last=channels_last,
+        )
+        results["loader"] = measure(f"loader/{args.workers}w", forever(loader), step, args, device)
+
+    r21 = results["carlzoo"]["images_per_s"] / results["model"]["images_per_s"]
+    print(f"  ratio    carlzoo / model-only = {r21:.2f}")
+    if "loader" in results:
+        r23 = results["carlzoo"]["images_per_s"] / results["loader"]["images_per_s"]
+        print(f"  ratio    carlzoo / DataLoader({args.workers} workers) = {r23:.2f}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "args": vars(args),
+                    "device": str(device),
+                    "torch": torch.__version__,
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
