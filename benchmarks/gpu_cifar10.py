@@ -1,0 +1,201 @@
+"""Train carl-cifar10 on one GPU in one run, evaluate it, and write small files to carry off.
+
+    python benchmarks/gpu_cifar10.py --data cifar10_webp90.npz --out OUT \
+        [--config training/configs/cifar10_fast.yaml] [--epochs 200] [--set key=value ...]
+
+Reads a CIFAR-10 ``.npz`` (plain ``x_train``/``x_test`` arrays or the WebP-encoded variant
+with ``train_bytes``/``train_off``), trains with the recipe, then measures kNN (k=200, T=0.1)
+and a linear probe (L-BFGS on frozen backbone features) on the test split, plus clustering
+metrics of the prototype assignments. Everything it writes to OUT is under 16 MiB a file:
+
+    OUT/metrics.json           final metrics, timings, hardware, versions, the settings
+    OUT/metrics.jsonl          the per-epoch training log (loss terms, prototypes, kNN curve)
+    OUT/config.yaml            the resolved training config
+    OUT/weights-0000K-of-0000N.safetensors   float16 model weights in shards (BN stats fp32)
+
+Back on any machine, ``--join OUT`` rebuilds OUT/run/ (config.yaml, metrics.jsonl,
+checkpoints/last.safetensors with float32 weights), which ``carlzoo export`` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import carlzoo
+from carlzoo.training.checkpoint import Checkpoint, save_checkpoint
+from carlzoo.training.config import config_to_dict, load_config
+from carlzoo.training.datasets import load_split
+from carlzoo.training.evaluate import cluster_metrics, knn_eval, linear_eval
+from carlzoo.training.features import extract_features
+from carlzoo.training.run import load_run
+from carlzoo.training.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARD_BYTES = 15 * 2**20
+
+
+def shard_state(state: dict[str, torch.Tensor], out: Path) -> list[Path]:
+    """float16 weights (BatchNorm statistics and counters kept as they are) in <15 MiB shards."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        keep = "running_" in name or "num_batches_tracked" in name or not t.is_floating_point()
+        t = (t if keep else t.half()).detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        if size + nbytes > SHARD_BYTES and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    paths = []
+    for i, shard in enumerate(shards):
+        path = out / f"weights-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path))
+        paths.append(path)
+    return paths
+
+
+def join(out: Path) -> Path:
+    """Rebuild a run folder that ``carlzoo export`` accepts from OUT's small files."""
+    shards = sorted(out.glob("weights-*-of-*.safetensors"))
+    if not shards:
+        sys.exit(f"{out} holds no weights-*-of-*.safetensors shards")
+    state: dict[str, torch.Tensor] = {}
+    for s in shards:
+        state.update(
+            {
+                k: (v.float() if v.dtype == torch.float16 else v)
+                for k, v in load_file(str(s)).items()
+            }
+        )
+    cfg = load_config(out / "config.yaml")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    run = out / "run"
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    shutil.copy(out / "config.yaml", run / "config.yaml")
+    shutil.copy(out / "metrics.jsonl", run / "metrics.jsonl")
+    final = json.loads((out / "metrics.json").read_text())
+    save_checkpoint(
+        run / "checkpoints" / "last.safetensors",
+        Checkpoint(
+            model=state,
+            epoch=rows[-1]["epoch"],
+            step=rows[-1]["step"],
+            config=config_to_dict(cfg),
+            metrics=rows[-1],
+        ),
+    )
+    eval_json = {
+        "protocol": "linear",
+        "dataset": "cifar10",
+        **final.get("linear", {}),
+        "knn": final.get("knn"),
+        "source": "benchmarks/gpu_cifar10.py",
+    }
+    (run / "eval.json").write_text(json.dumps(eval_json, indent=2))
+    load_run(run)  # the weights match the config
+    print(f"rebuilt {run} from {len(shards)} shard(s)")
+    return run
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", help="CIFAR-10 .npz (plain or WebP-encoded)")
+    p.add_argument("--out", required=True, help="output folder (files < 16 MiB each)")
+    p.add_argument("--config", default=str(ROOT / "training/configs/cifar10_fast.yaml"))
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--join", action="store_true", help="rebuild OUT/run from OUT's shards")
+    args = p.parse_args()
+    out = Path(args.out)
+    if args.join:
+        join(out)
+        return
+    if not args.data:
+        p.error("--data is required unless --join")
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    overrides = [f"data.root={Path(args.data).resolve()}", "data.dataset=npz", *args.overrides]
+    if args.epochs is not None:
+        overrides.append(f"epochs={args.epochs}")
+    cfg = load_config(args.config, overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(
+        f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch "
+        f"{torch.__version__}, carlzoo {carlzoo.__version__}, python {sys.version.split()[0]}",
+        flush=True,
+    )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        t0 = time.perf_counter()
+        train(cfg, run, progress=False)
+        train_time = time.perf_counter() - t0
+        shutil.copy(run / "metrics.jsonl", out / "metrics.jsonl")
+        shutil.copy(run / "config.yaml", out / "config.yaml")
+        model, cfg, _ = load_run(run)
+
+    model = model.to(device)
+    t0 = time.perf_counter()
+    train_set = load_split("npz", args.data, "train")
+    test_set = load_split("npz", args.data, "test")
+    kw = dict(
+        mean=cfg.augment.mean,
+        std=cfg.augment.std,
+        size=cfg.data.image_size,
+        device=device,
+        amp=False,
+    )
+    f_train = extract_features(model, train_set.images, **kw)
+    f_test = extract_features(model, test_set.images, **kw)
+    logits = extract_features(model, test_set.images, layer="logits", **kw)
+    knn = knn_eval(f_train, train_set.labels, f_test, test_set.labels, k=200, t=0.1)
+    linear = linear_eval(f_train, train_set.labels, f_test, test_set.labels, device=device)
+    clusters = cluster_metrics(logits.argmax(1).numpy(), test_set.labels)
+    eval_time = time.perf_counter() - t0
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    metrics = {
+        "dataset": f"cifar10 ({Path(args.data).name})",
+        "split": "test",
+        "epochs": rows[-1]["epoch"],
+        "knn": knn,
+        "linear": linear,
+        "clustering": clusters,
+        "prototypes_used": rows[-1]["prototypes_used"],
+        "knn_curve": [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r],
+        "train_time_s": train_time,
+        "eval_time_s": eval_time,
+        "total_time_s": time.perf_counter() - t_start,
+        "hardware": (
+            torch.cuda.get_device_name()
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
+        "torch": torch.__version__,
+        "carlzoo": carlzoo.__version__,
+        "command": " ".join(sys.argv),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    shards = shard_state(model.state_dict(), out)
+    print(
+        f"kNN top-1 {knn['top1']:.2f}%  linear top-1 {linear['top1']:.2f}%  "
+        f"NMI {clusters.get('nmi', float('nan')):.3f}  train {train_time:.0f} s  "
+        f"eval {eval_time:.0f} s  -> {out} ({len(shards)} weight shards)"
+    )
+    assert all(s.stat().st_size < 16 * 2**20 for s in shards)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One GPU session: the throughput figures (train_throughput.py) and the carl-cifar10 run
+# (gpu_cifar10.py), writing what comes back to $OUT (default ./gpu-out).
+#
+#   DATA=path/to/cifar10_webp90.npz bash benchmarks/gpu_session.sh
+#
+# Set EPOCHS to shorten the training run (default: the recipe's 200 epochs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+DATA=${DATA:?set DATA to a CIFAR-10 .npz}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD/.gpu-site
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+timeout 240 python benchmarks/train_throughput.py --data "$DATA" --batch-size 512 \
+    --workers 16 --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt"
+timeout 560 python benchmarks/gpu_cifar10.py --data "$DATA" --out "$OUT" \
+    ${EPOCHS:+--epochs "$EPOCHS"} 2>&1 | tee "$OUT/train.log"
