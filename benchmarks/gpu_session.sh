@@ -11,7 +11,13 @@ OUT=${OUT:-gpu-out}
 DATA=${DATA:?set DATA to a CIFAR-10 .npz}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD/.gpu-site
+# The installed layout (carlzoo, carlzoo.training, ...) without pip: a copy on PYTHONPATH.
+SITE=$(mktemp -d)
+cp -r carlzoo "$SITE/carlzoo"
+cp -r training "$SITE/carlzoo/training"
+cp -r export "$SITE/carlzoo/export"
+cp -r cli "$SITE/carlzoo/cli"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 timeout 240 python benchmarks/train_throughput.py --data "$DATA" --batch-size 512 \
     --workers 16 --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt"
