@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from carlzoo.model import CARLModel, CARLOutput, ModelConfig, build_model
-
 __version__ = "0.1.0"
 
 __all__ = [
@@ -24,7 +22,19 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from carlzoo.model import CARLModel, CARLOutput, ModelConfig, build_model
     from carlzoo.pretrained import PretrainedCARL
+
+_MODEL_NAMES = ("CARLModel", "CARLOutput", "ModelConfig", "build_model")
+
+
+def __getattr__(name: str) -> Any:
+    # torch is imported on first use, so `import carlzoo` (and `carlzoo --help`) stays fast.
+    if name in _MODEL_NAMES:
+        from carlzoo import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'carlzoo' has no attribute {name!r}")
 
 
 def load(spec: str, device: Any = None, backend: str = "torch", **kwargs: Any) -> PretrainedCARL:

@@ -46,3 +46,11 @@ def test_runtime_does_not_import_training():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cli_startup_does_not_import_torch():
+    code = (
+        "import sys, carlzoo.cli.main; "
+        "assert 'torch' not in sys.modules, 'carlzoo --help must not import torch'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,0 +1,289 @@
+"""Writing embeddings and prototype assignments to .npz, .npy, .csv or .parquet, atomically.
+
+Formats (N embedded images, D dimensions, k = top-k, M skipped images):
+
+``.npz``
+    embed: ``embeddings`` float32 (N, D), ``paths`` str (N,), ``skipped`` str (M,),
+    ``skipped_errors`` str (M,). assign: ``ids`` int64 (N, k), ``probs`` float32 (N, k),
+    ``paths``, ``skipped``, ``skipped_errors``. Loads with ``np.load`` (no pickle).
+``.npy``
+    embed: the (N, D) float32 array; assign: a structured array with fields ``ids`` int64
+    (k,) and ``probs`` float32 (k,). Companions: ``FILE.paths.txt`` (N lines, row order)
+    and ``FILE.skipped.txt`` (M lines ``path<TAB>error``; written even when empty, so no
+    stale list survives a rerun).
+``.csv``
+    embed: header ``path,error,e0..e{D-1}``; assign: ``path,error,top1_id,top1_prob,...``.
+    The N embedded images first, in input order, then one row per skipped image with its
+    ``error`` and empty values.
+``.parquet`` (needs pyarrow)
+    Same rows as .csv; columns ``path``, ``error`` (null when embedded) and ``embedding``
+    (fixed-size list of float32, null when skipped) or ``ids`` / ``probs`` (lists).
+
+Every file is written to a temp file in the same folder and renamed into place, so a
+reader never sees a partial file and a failed run leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "FORMATS",
+    "OutputError",
+    "atomic_write",
+    "output_format",
+    "write_embeddings",
+    "write_assignments",
+    "companion_paths",
+]
+
+FORMATS = (".npz", ".npy", ".csv", ".parquet")
+
+
+class OutputError(ValueError):
+    """The output path cannot be written in the asked format. The message is one line."""
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temp file next to ``path``, fsync it, rename it onto ``path``.
+
+    On any error the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _require_pyarrow() -> None:
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise OutputError(
+            "writing .parquet needs pyarrow: pip install pyarrow (or write .npz, .npy or .csv)"
+        ) from None
+
+
+def output_format(path: str | Path) -> str:
+    """The format ("npz", "npy", "csv", "parquet") of ``path`` from its extension.
+
+    Checks everything that can be checked before any work: a known extension, an existing
+    parent folder, and pyarrow for .parquet. Raises :class:`OutputError` otherwise.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in FORMATS:
+        raise OutputError(
+            f"output {str(path)!r}: unknown extension {ext or '(none)'!r}; use "
+            f"one of {', '.join(FORMATS)}"
+        )
+    if not path.parent.is_dir():
+        raise OutputError(f"output {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise OutputError(f"output {str(path)!r} is a folder: give a file name")
+    if ext == ".parquet":
+        _require_pyarrow()
+    return ext[1:]
+
+
+def companion_paths(path: str | Path) -> tuple[Path, Path]:
+    """The ``FILE.paths.txt`` and ``FILE.skipped.txt`` written next to a .npy output."""
+    path = Path(path)
+    return path.with_name(path.name + ".paths.txt"), path.with_name(path.name + ".skipped.txt")
+
+
+def _str_array(values: Sequence[str]) -> np.ndarray:
+    return np.asarray(list(values), dtype=np.str_) if len(values) else np.zeros(0, np.str_)
+
+
+def _write_text_lines(path: Path, lines: Sequence[str]) -> None:
+    atomic_write(path, lambda p: p.write_text("".join(f"{x}\n" for x in lines), encoding="utf-8"))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _fmt(v: float) -> str:
+    return format(float(v), ".9g")
+
+
+def _write(
+    path: Path,
+    fmt: str,
+    ids: Sequence[str],
+    skipped: Sequence[tuple[str, str]],
+    npz: dict[str, np.ndarray],
+    npy: np.ndarray,
+    header: list[str],
+    rows: list[list[str]],
+    table: Callable[[], object],
+) -> list[Path]:
+    skipped_ids = [s for s, _ in skipped]
+    errors = [_one_line(e) for _, e in skipped]
+    if fmt == "npz":
+        arrays = {
+            **npz,
+            "paths": _str_array(ids),
+            "skipped": _str_array(skipped_ids),
+            "skipped_errors": _str_array(errors),
+        }
+
+        def write_npz(p: Path) -> None:
+            with open(p, "wb") as f:
+                np.savez(f, **arrays)
+
+        return [atomic_write(path, write_npz)]
+    if fmt == "npy":
+
+        def write_npy(p: Path) -> None:
+            with open(p, "wb") as f:
+                np.save(f, npy, allow_pickle=False)
+
+        paths_txt, skipped_txt = companion_paths(path)
+        atomic_write(path, write_npy)
+        _write_text_lines(paths_txt, list(ids))
+        lines = [f"{s}\t{e}" for s, e in zip(skipped_ids, errors, strict=True)]
+        _write_text_lines(skipped_txt, lines)
+        return [path, paths_txt, skipped_txt]
+    if fmt == "csv":
+        blank = [""] * (len(header) - 2)
+
+        def write_csv(p: Path) -> None:
+            with open(p, "w", newline="", encoding="utf-8") as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                for ident, row in zip(ids, rows, strict=True):
+                    w.writerow([ident, "", *row])
+                for ident, err in zip(skipped_ids, errors, strict=True):
+                    w.writerow([ident, err, *blank])
+
+        return [atomic_write(path, write_csv)]
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        tbl = table()
+        return [atomic_write(path, lambda p: pq.write_table(tbl, str(p)))]
+    raise OutputError(f"unknown output format {fmt!r}")  # pragma: no cover
+
+
+def write_embeddings(
+    path: str | Path,
+    ids: Sequence[str],
+    embeddings: np.ndarray,
+    skipped: Sequence[tuple[str, str]] = (),
+) -> list[Path]:
+    """Write (N, D) ``embeddings`` of the images ``ids``, and the ``skipped`` (id, error)
+    pairs, in the format of ``path``'s extension. Returns the files written."""
+    fmt = output_format(path)
+    emb = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
+    if emb.ndim != 2 or emb.shape[0] != len(ids):
+        raise ValueError(f"embeddings must be (N, D) with N = {len(ids)} ids, got {emb.shape}")
+    d = emb.shape[1]
+
+    def table() -> object:
+        import pyarrow as pa
+
+        n_skip = len(skipped)
+        values = pa.array(emb.reshape(-1), type=pa.float32())
+        good = pa.FixedSizeListArray.from_arrays(values, d)
+        empty = pa.nulls(n_skip, type=pa.list_(pa.float32(), d))
+        return pa.table(
+            {
+                "path": pa.array([*ids, *(s for s, _ in skipped)], type=pa.string()),
+                "error": pa.array(
+                    [None] * len(ids) + [_one_line(e) for _, e in skipped], type=pa.string()
+                ),
+                "embedding": pa.concat_arrays([good, empty]),
+            }
+        )
+
+    return _write(
+        Path(path),
+        fmt,
+        ids,
+        skipped,
+        {"embeddings": emb},
+        emb,
+        ["path", "error", *(f"e{i}" for i in range(d))],
+        [[_fmt(v) for v in row] for row in emb] if fmt == "csv" else [],
+        table,
+    )
+
+
+def write_assignments(
+    path: str | Path,
+    ids: Sequence[str],
+    top_ids: np.ndarray,
+    top_probs: np.ndarray,
+    skipped: Sequence[tuple[str, str]] = (),
+) -> list[Path]:
+    """Write the top-k prototype ``top_ids`` (N, k) and ``top_probs`` (N, k) of the images
+    ``ids``, and the ``skipped`` (id, error) pairs. Returns the files written."""
+    fmt = output_format(path)
+    tid = np.ascontiguousarray(np.asarray(top_ids, dtype=np.int64))
+    tpr = np.ascontiguousarray(np.asarray(top_probs, dtype=np.float32))
+    if tid.ndim != 2 or tid.shape != tpr.shape or tid.shape[0] != len(ids):
+        raise ValueError(
+            f"top_ids and top_probs must both be (N, k) with N = {len(ids)}, got "
+            f"{tid.shape} and {tpr.shape}"
+        )
+    k = tid.shape[1]
+    structured = np.zeros(len(ids), dtype=[("ids", np.int64, (k,)), ("probs", np.float32, (k,))])
+    structured["ids"], structured["probs"] = tid, tpr
+    header = ["path", "error"]
+    for j in range(1, k + 1):
+        header += [f"top{j}_id", f"top{j}_prob"]
+    rows = []
+    if fmt == "csv":
+        for r_ids, r_probs in zip(tid, tpr, strict=True):
+            row: list[str] = []
+            for i, p in zip(r_ids, r_probs, strict=True):
+                row += [str(int(i)), _fmt(p)]
+            rows.append(row)
+
+    def table() -> object:
+        import pyarrow as pa
+
+        n_skip = len(skipped)
+        return pa.table(
+            {
+                "path": pa.array([*ids, *(s for s, _ in skipped)], type=pa.string()),
+                "error": pa.array(
+                    [None] * len(ids) + [_one_line(e) for _, e in skipped], type=pa.string()
+                ),
+                "ids": pa.array(
+                    [r.tolist() for r in tid] + [None] * n_skip, type=pa.list_(pa.int64())
+                ),
+                "probs": pa.array(
+                    [r.tolist() for r in tpr] + [None] * n_skip, type=pa.list_(pa.float32())
+                ),
+            }
+        )
+
+    return _write(
+        Path(path), fmt, ids, skipped, {"ids": tid, "probs": tpr}, structured, header, rows, table
+    )

@@ -1,0 +1,706 @@
+"""Pretrained CARL models: the on-disk model folder, loading by name / folder / Hub, inference.
+
+A model folder holds::
+
+    config.json         {"format": "carlzoo/1", "name", "architecture", "preprocessing",
+                         "provenance", "metrics"}
+    model.safetensors   the CARLModel state dict (float32, or float16 with BN stats float32)
+    model.onnx          optional: the same model for onnxruntime (see carlzoo.export.onnx)
+
+:func:`save_pretrained` and :func:`from_pretrained` are exact inverses. Loading never
+unpickles: weights come from safetensors or ONNX only.
+
+:func:`load` takes a zoo name (see :mod:`carlzoo.registry`; a bundled copy inside the
+package is used offline after a sha256 check, else the pinned Hub revision is downloaded
+through huggingface_hub and every file is sha256-checked), a local folder, or
+``hf-hub:org/repo[@revision]`` (downloaded, not hash-pinned).
+
+With ``backend="onnx"`` the folder must hold ``model.onnx``; when it does not, the error
+says how to add one (``python -m carlzoo.export.onnx FOLDER``): nothing is exported behind
+the user's back, so the ONNX model that runs is always one that was written and checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from carlzoo import registry
+from carlzoo.images import ImageTransform, read_image
+from carlzoo.model import CARLModel, ModelConfig
+from carlzoo.outputs import atomic_write
+from carlzoo.registry import ZooError
+
+__all__ = [
+    "FORMAT",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "ONNX_NAME",
+    "ZooError",
+    "Preprocessing",
+    "ZooConfig",
+    "Assignment",
+    "PretrainedCARL",
+    "OnnxCARL",
+    "save_pretrained",
+    "from_pretrained",
+    "read_config",
+    "load",
+    "atomic_write",
+]
+
+FORMAT = "carlzoo/1"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+ONNX_NAME = "model.onnx"
+BACKENDS = ("torch", "onnx")
+LAYERS = ("backbone", "projection")
+_HUB_PREFIX = "hf-hub:"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_BN_STATS = ("running_mean", "running_var")
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Evaluation preprocessing: resize the shorter side, centre crop, normalise."""
+
+    input_size: int = 32  # model input (square)
+    resize_size: int = 32  # shorter side resized to this, then centre crop input_size
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        from carlzoo.images import INTERPOLATIONS
+
+        for name in ("mean", "std"):
+            value = tuple(float(v) for v in getattr(self, name))
+            if len(value) != 3:
+                raise ValueError(f"preprocessing.{name} needs 3 values (R, G, B), got {value}")
+            object.__setattr__(self, name, value)
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"preprocessing.std must be > 0, got {self.std}")
+        if int(self.input_size) < 1 or int(self.resize_size) < int(self.input_size):
+            raise ValueError(
+                "preprocessing needs 1 <= input_size <= resize_size, got "
+                f"input_size={self.input_size}, resize_size={self.resize_size}"
+            )
+        object.__setattr__(self, "input_size", int(self.input_size))
+        object.__setattr__(self, "resize_size", int(self.resize_size))
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"preprocessing.interpolation={self.interpolation!r}: expected "
+                f"one of {sorted(INTERPOLATIONS)}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
+        _check_keys("preprocessing", values, cls)
+        return cls(**values)
+
+    def make_transform(self) -> ImageTransform:
+        """The PIL -> normalised (3, S, S) float32 tensor transform."""
+        return ImageTransform(
+            self.input_size, self.resize_size, self.interpolation, self.mean, self.std
+        )
+
+
+def _check_keys(section: str, values: Any, cls: type) -> None:
+    if not isinstance(values, dict):
+        raise ValueError(f"{section} must be a JSON object, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {section} keys {unknown}; valid keys: {sorted(known)}")
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Everything in a model folder's config.json."""
+
+    architecture: ModelConfig
+    preprocessing: Preprocessing
+    name: str | None = None
+    provenance: dict = field(default_factory=dict)  # dataset, epochs, recipe, code_version...
+    metrics: dict = field(default_factory=dict)  # measured values only, e.g. knn_top1
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json contents (JSON-serialisable), with ``"format": "carlzoo/1"``."""
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "architecture": self.architecture.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "provenance": dict(self.provenance),
+            "metrics": dict(self.metrics),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ZooConfig:
+        """Parse config.json contents; ZooError on a wrong format or unknown keys."""
+        if not isinstance(d, dict):
+            raise ZooError(f"config must be a JSON object, got {type(d).__name__}")
+        fmt = d.get("format")
+        if fmt != FORMAT:
+            raise ZooError(f"config format {fmt!r} is not supported (expected {FORMAT!r})")
+        known = {"format", "name", "architecture", "preprocessing", "provenance", "metrics"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ZooError(f"unknown config keys {unknown}; valid keys: {sorted(known)}")
+        if "architecture" not in d:
+            raise ZooError("config has no 'architecture'")
+        try:
+            arch = d["architecture"]
+            _check_keys("architecture", arch, ModelConfig)
+            return cls(
+                architecture=ModelConfig.from_dict(arch),
+                preprocessing=Preprocessing.from_dict(d.get("preprocessing") or {}),
+                name=d.get("name"),
+                provenance=dict(d.get("provenance") or {}),
+                metrics=dict(d.get("metrics") or {}),
+            )
+        except (TypeError, ValueError) as e:
+            raise ZooError(" ".join(str(e).split())) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Inference (shared by the torch and ONNX backends)
+# --------------------------------------------------------------------------------------------
+
+
+class Assignment(NamedTuple):
+    ids: Tensor  # (N, top_k) long: prototype ids, most probable first
+    probs: Tensor  # (N, top_k) float: their probabilities
+    probabilities: Tensor  # (N, K) float: the full assignment (softmax of the logits)
+
+
+ImageInput = Tensor | Image.Image | str | os.PathLike | Sequence[Any]
+
+
+class _Inference:
+    """``embed`` and ``assign`` over any input; subclasses provide ``_run``."""
+
+    config: ZooConfig
+    transform: Callable[[Image.Image], Tensor]
+    default_batch_size = 256
+
+    def _run(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def input_size(self) -> int:
+        return self.config.preprocessing.input_size
+
+    def _check_tensor(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        s = self.input_size
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(
+                f"expected images as a (N, 3, {s}, {s}) tensor, got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"expected a float tensor already normalised, got {x.dtype}; pass "
+                "PIL images or paths, or apply model.transform first"
+            )
+        if tuple(x.shape[2:]) != (s, s):
+            raise ValueError(
+                f"expected {s}x{s} images (config.preprocessing.input_size), got "
+                f"{tuple(x.shape[2:])}; use model.transform to prepare images"
+            )
+        return x
+
+    def _load_one(self, item: Any) -> Tensor:
+        """One list element -> a (n, 3, S, S) tensor."""
+        if isinstance(item, Tensor):
+            return self._check_tensor(item)
+        if isinstance(item, Image.Image):
+            return self.transform(item).unsqueeze(0)
+        if isinstance(item, (str, os.PathLike)):
+            img = read_image(item, min_side=self.config.preprocessing.resize_size)
+            return self.transform(img).unsqueeze(0)
+        raise TypeError(
+            f"cannot embed a {type(item).__name__}: give a (N, 3, S, S) tensor, a "
+            "PIL image, a path, or a list of images/paths"
+        )
+
+    def _batches(self, x: Any, batch_size: int) -> Iterator[Tensor]:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(x, Tensor):
+            x = self._check_tensor(x)
+            for i in range(0, x.shape[0], batch_size):
+                yield x[i : i + batch_size]
+            return
+        items = [x] if isinstance(x, (Image.Image, str, os.PathLike)) else list(x)
+        if not items:
+            raise ValueError("no images given")
+        for i in range(0, len(items), batch_size):
+            yield torch.cat([self._load_one(it) for it in items[i : i + batch_size]])
+
+    def forward_all(
+        self, x: ImageInput, batch_size: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(features, projection, logits) as float32 CPU tensors for any accepted input."""
+        outs = [self._run(b) for b in self._batches(x, batch_size or self.default_batch_size)]
+        return tuple(torch.cat([o[i] for o in outs]) for i in range(3))  # type: ignore[return-value]
+
+    def embed(
+        self,
+        x: ImageInput,
+        layer: str = "backbone",
+        normalize: bool = True,
+        batch_size: int | None = None,
+    ) -> Tensor:
+        """Embeddings (N, D) float32 on the CPU.
+
+        ``x``: a (N, 3, S, S) float tensor already normalised (or one (3, S, S) image), a PIL
+        image, a path, or a list of PIL images / paths (decoded with
+        :func:`carlzoo.images.read_image` and ``self.transform``). ``layer``: "backbone"
+        (the features linear probes and kNN use) or "projection" (z). ``normalize``: L2-
+        normalise each row.
+        """
+        if layer not in LAYERS:
+            raise ValueError(f"layer={layer!r}: expected one of {list(LAYERS)}")
+        features, projection, _ = self.forward_all(x, batch_size)
+        emb = features if layer == "backbone" else projection
+        return F.normalize(emb, dim=1) if normalize else emb
+
+    def assign(self, x: ImageInput, top_k: int = 1, batch_size: int | None = None) -> Assignment:
+        """Prototype assignment: the ``top_k`` most probable prototypes of each image.
+
+        ``probabilities`` is the softmax of the prototype logits (rows sum to 1).
+        """
+        k = self.config.architecture.num_prototypes
+        if not 1 <= top_k <= k:
+            raise ValueError(f"top_k must be in 1..{k} (the number of prototypes), got {top_k}")
+        _, _, logits = self.forward_all(x, batch_size)
+        p = torch.softmax(logits.float(), dim=1)
+        probs, ids = torch.topk(p, top_k, dim=1)
+        return Assignment(ids.long(), probs, p)
+
+
+class PretrainedCARL(_Inference, CARLModel):
+    """A CARL model with its config and preprocessing, in eval mode (torch backend)."""
+
+    def __init__(self, config: ZooConfig) -> None:
+        CARLModel.__init__(self, config.architecture)
+        self.config = config
+        self.transform = config.preprocessing.make_transform()
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.inference_mode()
+    def _run(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dev = self.device
+        out = self(x.to(dev, dtype=torch.float32, non_blocking=True))
+        return tuple(t.float().cpu() for t in out)  # type: ignore[return-value]
+
+
+class OnnxCARL(_Inference):
+    """The same interface as :class:`PretrainedCARL`, running ``model.onnx`` in onnxruntime."""
+
+    OUTPUTS = ("features", "projection", "logits")
+
+    def __init__(self, onnx_path: str | Path, config: ZooConfig, device: Any = None) -> None:
+        import onnxruntime as ort
+
+        self.config = config
+        self.transform = config.preprocessing.make_transform()
+        self.onnx_path = Path(onnx_path)
+        self.providers = _onnx_providers(device, ort.get_available_providers())
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(self.onnx_path), sess_options=opts, providers=self.providers
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ZooError(f"cannot load ONNX model {self.onnx_path}: {_one_line(e)}") from None
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != ["images"] or not set(self.OUTPUTS) <= set(outputs):
+            raise ZooError(
+                f"{self.onnx_path} is not a carlzoo ONNX export: inputs {inputs}, "
+                f"outputs {outputs} (expected input 'images' and outputs "
+                f"{list(self.OUTPUTS)}); re-export it with carlzoo.export.onnx"
+            )
+
+    def __repr__(self) -> str:
+        return f"OnnxCARL({str(self.onnx_path)!r}, providers={self.providers})"
+
+    def _run(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        outs = self.session.run(list(self.OUTPUTS), {"images": arr})
+        return tuple(torch.from_numpy(o).float() for o in outs)  # type: ignore[return-value]
+
+
+def _onnx_providers(device: Any, available: list[str]) -> list[str]:
+    dev = "cpu" if device is None else str(device)
+    if dev.startswith("cuda"):
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        warnings.warn(
+            f"device={dev!r}: onnxruntime has no CUDAExecutionProvider here "
+            "(install onnxruntime-gpu); running on the CPU",
+            stacklevel=3,
+        )
+    elif dev != "cpu":
+        raise ZooError(f"device={dev!r} is not supported by the onnx backend: use 'cpu' or 'cuda'")
+    return ["CPUExecutionProvider"]
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and loading a model folder
+# --------------------------------------------------------------------------------------------
+
+
+def _one_line(e: BaseException | str) -> str:
+    text = str(e).strip().splitlines()
+    return " ".join(text[0].split()) if text else type(e).__name__
+
+
+def _resolve_device(device: Any) -> torch.device:
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ZooError(
+            f"device={str(device)!r} requested but CUDA is not available; use device='cpu'"
+        )
+    return dev
+
+
+def save_pretrained(
+    model: CARLModel, directory: str | Path, config: ZooConfig, *, dtype: str = "float32"
+) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if needed).
+
+    ``dtype="float16"`` stores floating weights as float16 (restored to float32 on load),
+    keeping BatchNorm running statistics in float32. Each file is written atomically
+    (temp + rename). ``config.architecture`` must equal ``model.model_config``;
+    ``provenance["weights_dtype"]`` is set to ``dtype``. A ``model.onnx`` already in the
+    folder is removed, since it would no longer match the weights.
+    """
+    from safetensors.torch import save_file
+
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'float16'")
+    if not isinstance(model, CARLModel):
+        raise TypeError(f"save_pretrained expects a CARLModel, got {type(model).__name__}")
+    if config.architecture != model.model_config:
+        raise ValueError(
+            "config.architecture does not match the model's model_config: "
+            f"{config.architecture} vs {model.model_config}"
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu")
+        if dtype == "float16" and t.is_floating_point() and not name.endswith(_BN_STATS):
+            t = t.to(torch.float16)
+        elif t.is_floating_point():
+            t = t.to(torch.float32)
+        tensors[name] = t.contiguous().clone()
+    provenance = {**config.provenance, "weights_dtype": dtype}
+    cfg = dataclasses.replace(config, provenance=provenance)
+    meta = {"format": "pt", "carlzoo_format": FORMAT, "dtype": dtype}
+    stale_onnx = directory / ONNX_NAME
+    if stale_onnx.exists():
+        stale_onnx.unlink()
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
+    text = json.dumps(cfg.to_dict(), indent=2, sort_keys=False) + "\n"
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    return directory
+
+
+def read_config(directory: str | Path) -> ZooConfig:
+    """Parse ``directory/config.json``; ZooError naming the path on any problem."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise ZooError(f"model folder {directory} does not exist")
+    if not directory.is_dir():
+        raise ZooError(
+            f"{directory} is not a folder: a model folder holds config.json and model.safetensors"
+        )
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise ZooError(
+            f"no {CONFIG_NAME} in {directory}: not a carlzoo model folder (make one "
+            "with `carlzoo export` or carlzoo.pretrained.save_pretrained)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ZooError(f"cannot read {path}: {_one_line(e)}") from None
+    try:
+        return ZooConfig.from_dict(data)
+    except ZooError as e:
+        raise ZooError(f"{path}: {e}") from None
+
+
+def _load_state(path: Path, model: CARLModel) -> None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ZooError(f"no {WEIGHTS_NAME} in {path.parent}: the model folder is incomplete")
+    try:
+        state: dict[str, Tensor] = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key)
+    except Exception as e:  # safetensors raises SafetensorError and others on corrupt files
+        raise ZooError(f"corrupt weights file {path}: {_one_line(e)}") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ZooError(
+            f"{path} does not match the architecture in {CONFIG_NAME}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
+            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, ref in expected.items():
+        t = state[key]
+        if t.shape != ref.shape:
+            raise ZooError(
+                f"{path}: tensor {key} has shape {tuple(t.shape)}, the architecture "
+                f"in {CONFIG_NAME} needs {tuple(ref.shape)}"
+            )
+        if t.dtype != ref.dtype:
+            state[key] = t.to(ref.dtype)
+    model.load_state_dict(state, strict=True)
+
+
+def from_pretrained(
+    directory: str | Path, device: Any = None, backend: str = "torch"
+) -> PretrainedCARL | OnnxCARL:
+    """Load a model folder written by :func:`save_pretrained` (and, for ONNX, export_onnx).
+
+    ``backend="torch"`` reads model.safetensors into a :class:`PretrainedCARL` on ``device``
+    (default CPU); ``backend="onnx"`` runs model.onnx in onnxruntime (:class:`OnnxCARL`).
+    """
+    if backend not in BACKENDS:
+        raise ZooError(f"backend={backend!r}: expected one of {list(BACKENDS)}")
+    directory = Path(directory).expanduser()
+    config = read_config(directory)
+    if backend == "onnx":
+        onnx_path = directory / ONNX_NAME
+        if not onnx_path.is_file():
+            raise ZooError(
+                f"no {ONNX_NAME} in {directory}: add one with `python -m "
+                f"carlzoo.export.onnx {directory}` (or `carlzoo export`), or use "
+                "backend='torch'"
+            )
+        return OnnxCARL(onnx_path, config, device)
+    dev = _resolve_device(device)
+    model = PretrainedCARL(config)
+    _load_state(directory / WEIGHTS_NAME, model)
+    return model.to(dev).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# load(spec)
+# --------------------------------------------------------------------------------------------
+
+
+def _needed_files(backend: str) -> list[str]:
+    return [CONFIG_NAME, ONNX_NAME if backend == "onnx" else WEIGHTS_NAME]
+
+
+def _hub_download(
+    repo_id: str,
+    filenames: list[str],
+    revision: str | None,
+    *,
+    cache_dir: Any,
+    token: Any,
+    label: str,
+) -> Path:
+    """Download ``filenames`` of one revision into the HF cache; return their folder."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from carlzoo import __version__
+
+    folder: Path | None = None
+    rev = revision
+    for fname in filenames:
+        try:
+            path = Path(
+                hf_hub_download(
+                    repo_id,
+                    fname,
+                    revision=rev,
+                    cache_dir=cache_dir,
+                    token=token,
+                    library_name="carlzoo",
+                    library_version=__version__,
+                )
+            )
+        except LocalEntryNotFoundError:
+            raise ZooError(
+                f"{label}: {fname} is not in the Hugging Face cache and the Hub "
+                "cannot be reached (offline, HF_HUB_OFFLINE=1, or no network); "
+                "load it once online, or load a local folder"
+            ) from None
+        except RepositoryNotFoundError:
+            raise ZooError(
+                f"{label}: repository {repo_id} not found (or it is private or "
+                "gated: pass token=...)"
+            ) from None
+        except RevisionNotFoundError:
+            raise ZooError(f"{label}: revision {rev!r} not found in {repo_id}") from None
+        except EntryNotFoundError:
+            hint = (
+                "; add one with `python -m carlzoo.export.onnx FOLDER` and upload it, or use"
+                " backend='torch'"
+                if fname == ONNX_NAME
+                else ""
+            )
+            raise ZooError(
+                f"{label}: {repo_id} has no {fname} at revision {rev or 'main'}{hint}"
+            ) from None
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            raise ZooError(
+                f"{label}: cannot download {fname} from {repo_id}: {_one_line(e)}"
+            ) from None
+        if folder is None:
+            folder = path.parent
+            if _SHA1.match(folder.name):
+                rev = folder.name  # pin the rest to the commit the first file came from
+        elif path.parent != folder:
+            raise ZooError(
+                f"{label}: files of {repo_id} came from different revisions "
+                f"({folder.name}, {path.parent.name}); pin a commit sha"
+            )
+    assert folder is not None
+    return folder
+
+
+def _parse_hub_spec(spec: str, revision: str | None) -> tuple[str, str | None]:
+    body = spec[len(_HUB_PREFIX) :]
+    repo_id, at, rev = body.partition("@")
+    if not _REPO_ID.match(repo_id) or (at and not rev):
+        raise ZooError(
+            f"{spec!r} is not a valid Hub spec: write hf-hub:org/repo or hf-hub:org/repo@revision"
+        )
+    if rev and revision and rev != revision:
+        raise ZooError(
+            f"{spec!r} names revision {rev!r} but revision={revision!r} was also given: give one"
+        )
+    return repo_id, rev or revision
+
+
+def _load_zoo(
+    name: str, device: Any, backend: str, revision: str | None, cache_dir: Any, token: Any
+) -> PretrainedCARL | OnnxCARL:
+    entry = registry.get_entry(name)
+    needed = _needed_files(backend)
+    bundled = registry.bundled_path(name)
+    if revision is not None and revision != entry.revision:
+        raise ZooError(
+            f"{name} is pinned to revision {entry.revision}; to load another "
+            f"revision use 'hf-hub:{entry.repo_id}@{revision}' (not hash-checked)"
+        )
+    if bundled is not None:
+        registry.verify_files(entry, bundled, needed, source="bundled folder")
+        return from_pretrained(bundled, device, backend)
+    if entry.status != "published" or entry.revision is None:
+        raise ZooError(registry.unpublished_message(name))
+    label = f"{name} ({entry.repo_id}@{entry.revision[:12]})"
+    for fname in needed:
+        if fname not in entry.files:
+            raise ZooError(
+                f"{label}: the registry pins no sha256 for {fname}, so it is not "
+                "downloaded" + (": use backend='torch'" if fname == ONNX_NAME else "")
+            )
+    folder = _hub_download(
+        entry.repo_id, needed, entry.revision, cache_dir=cache_dir, token=token, label=label
+    )
+    registry.verify_files(entry, folder, needed, source=f"Hub download {label}")
+    return from_pretrained(folder, device, backend)
+
+
+def load(
+    spec: str,
+    device: Any = None,
+    backend: str = "torch",
+    *,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    token: str | bool | None = None,
+) -> PretrainedCARL | OnnxCARL:
+    """Load a pretrained CARL model.
+
+    ``spec`` is a zoo name (``carlzoo.list_models()``), a local model folder, or
+    ``hf-hub:org/repo[@revision]``. Zoo names use the bundled copy when the package ships
+    one, else the pinned Hub revision through huggingface_hub (HF_HOME, HF_HUB_OFFLINE=1 and
+    ``cache_dir`` / ``token`` apply); every file is sha256-checked against the registry and a
+    mismatch is a :class:`ZooError`. Hub specs are downloaded without hash pinning.
+    ``backend``: "torch" (:class:`PretrainedCARL`) or "onnx" (:class:`OnnxCARL`).
+    """
+    if backend not in BACKENDS:
+        raise ZooError(f"backend={backend!r}: expected one of {list(BACKENDS)}")
+    if not isinstance(spec, (str, os.PathLike)):
+        raise ZooError(f"model spec must be a string or path, got {type(spec).__name__}")
+    text = os.fspath(spec)
+    if isinstance(spec, str) and text.startswith(_HUB_PREFIX):
+        repo_id, rev = _parse_hub_spec(text, revision)
+        label = f"hf-hub:{repo_id}" + (f"@{rev}" if rev else "")
+        folder = _hub_download(
+            repo_id, _needed_files(backend), rev, cache_dir=cache_dir, token=token, label=label
+        )
+        return from_pretrained(folder, device, backend)
+    if isinstance(spec, str) and text in registry.REGISTRY:
+        return _load_zoo(text, device, backend, revision, cache_dir, token)
+    path = Path(text).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise ZooError(
+                f"revision={revision!r} applies to Hub models, not to the local folder {path}"
+            )
+        return from_pretrained(path, device, backend)
+    if os.sep in text or "/" in text or text.startswith((".", "~")):
+        hint = f" (for a Hub repository write 'hf-hub:{text}')" if _REPO_ID.match(text) else ""
+        raise ZooError(f"model folder {text} does not exist{hint}")
+    import difflib
+
+    close = difflib.get_close_matches(text, list(registry.REGISTRY), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ZooError(
+        f"{text!r} is not a zoo model, a local folder or hf-hub:org/repo[@revision]: "
+        f"{hint}zoo models: {', '.join(registry.list_models())}"
+    )

@@ -1,0 +1,213 @@
+"""The zoo registry: which named CARL models exist, where they live and how to check them.
+
+Each entry pins a Hub repository (``carlzoo/<name>``), a revision (a 40-hex commit sha once
+published, ``None`` before) and the sha256 of every file, so that ``carlzoo.load(name)``
+never loads bytes it has not checked. ``status`` is ``"published"`` only for entries whose
+revision and hashes are filled in; until then ``load(name)`` explains how to train the
+model locally.
+
+A model folder bundled inside the package (``carlzoo/models/<name>/``) is used offline,
+in preference to the Hub, after its files' sha256 are checked against the entry.
+
+This module imports neither torch nor huggingface_hub, so ``carlzoo list`` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ZooError",
+    "ZooEntry",
+    "REGISTRY",
+    "BUNDLED_DIR",
+    "list_models",
+    "get_entry",
+    "bundled_path",
+    "registry_table",
+    "sha256_file",
+    "verify_files",
+    "unpublished_message",
+]
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "models"
+"""Folder of model folders shipped inside the package (``carlzoo/models/<name>/``)."""
+
+_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_STATUSES = ("published", "unpublished")
+
+
+class ZooError(ValueError):
+    """A model cannot be found, fetched, checked or loaded. The message is one line."""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One named model of the zoo."""
+
+    name: str
+    repo_id: str  # Hub repository, "carlzoo/<name>"
+    dataset: str  # training set, e.g. "cifar10"
+    input_size: int  # model input (square), pixels
+    revision: str | None = None  # pinned 40-hex commit sha; None while unpublished
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 (hex)
+    metrics: dict[str, Any] = field(default_factory=dict)  # measured values only
+    status: str = "unpublished"
+    backbone: str = "resnet18"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in _STATUSES:
+            raise ValueError(
+                f"registry entry {self.name}: status={self.status!r}, "
+                f"expected one of {list(_STATUSES)}"
+            )
+        if self.revision is not None and not _SHA1.match(self.revision):
+            raise ValueError(
+                f"registry entry {self.name}: revision must be a 40-hex commit "
+                f"sha, got {self.revision!r}"
+            )
+        for fname, digest in self.files.items():
+            if not _SHA256.match(digest):
+                raise ValueError(
+                    f"registry entry {self.name}: sha256 of {fname} must be "
+                    f"64 lowercase hex digits, got {digest!r}"
+                )
+        if self.status == "published" and (
+            self.revision is None or not {"config.json", "model.safetensors"} <= set(self.files)
+        ):
+            raise ValueError(
+                f"registry entry {self.name}: a published entry needs a revision "
+                "and the sha256 of config.json and model.safetensors"
+            )
+
+
+def _entry(name: str, dataset: str, input_size: int, description: str) -> ZooEntry:
+    return ZooEntry(
+        name=name,
+        repo_id=f"carlzoo/{name}",
+        dataset=dataset,
+        input_size=input_size,
+        description=description,
+    )
+
+
+# Nothing is published yet: every entry is "unpublished" with revision None and no hashes.
+# Publishing a model means filling in revision, files (sha256 of each file in the Hub
+# repository at that revision), metrics (measured values only) and status="published".
+REGISTRY: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        _entry("carl-cifar10", "cifar10", 32, "CARL ResNet-18 (CIFAR stem) on CIFAR-10"),
+        _entry("carl-cifar100", "cifar100", 32, "CARL ResNet-18 (CIFAR stem) on CIFAR-100"),
+        _entry("carl-stl10", "stl10", 96, "CARL ResNet-18 on STL-10 (unlabelled + train)"),
+        _entry("carl-tinyimagenet", "tinyimagenet", 64, "CARL ResNet-18 on Tiny ImageNet"),
+        _entry("carl-imagenet64", "imagenet64", 64, "CARL ResNet-50 on ImageNet 64x64"),
+    )
+}
+
+
+def list_models() -> list[str]:
+    """Names of the models in the zoo registry, sorted."""
+    return sorted(REGISTRY)
+
+
+def get_entry(name: str) -> ZooEntry:
+    """The registry entry of ``name``; a :class:`ZooError` naming close matches otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ZooError(
+            f"unknown zoo model {name!r}: {hint}known models: {', '.join(list_models())}"
+        ) from None
+
+
+def bundled_path(name: str) -> Path | None:
+    """``BUNDLED_DIR/<name>`` when the package ships that model folder, else None."""
+    path = BUNDLED_DIR / name
+    return path if (path / "config.json").is_file() else None
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_files(entry: ZooEntry, folder: str | Path, filenames: list[str], *, source: str) -> None:
+    """Check ``folder/<f>`` against ``entry.files[f]`` for each ``f``; ZooError on any problem.
+
+    ``source`` says where the files came from (used in messages), e.g. "bundled folder".
+    """
+    folder = Path(folder)
+    for fname in filenames:
+        if not (folder / fname).is_file():
+            hint = "; use backend='torch'" if fname == "model.onnx" else ""
+            raise ZooError(f"{entry.name}: {fname} is missing from the {source} {folder}{hint}")
+    for fname in filenames:
+        path = folder / fname
+        expected = entry.files.get(fname)
+        if expected is None:
+            raise ZooError(
+                f"{entry.name}: the registry pins no sha256 for {fname}, so the {source} copy "
+                f"at {path} is not loaded; add its hash to the registry entry or load the "
+                "folder by path"
+            )
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ZooError(
+                f"{entry.name}: sha256 mismatch for {fname} from the {source} ({path}): "
+                f"expected {expected}, got {actual}; the file is corrupt or not the published "
+                "one: delete it and fetch it again"
+            )
+
+
+def unpublished_message(name: str) -> str:
+    """The one-line explanation given for a registry model that is not published yet."""
+    entry = get_entry(name)
+    preset = entry.dataset
+    return (
+        f"zoo model {name!r} is not published yet (no pinned Hub revision and no bundled "
+        f"copy); train and load it locally: `carlzoo train --config {preset} --data-root DATA "
+        f"--out runs/{name}`, then `carlzoo export runs/{name} --out models/{name}`, then "
+        f'`carlzoo.load("models/{name}")`'
+    )
+
+
+def _fmt_metric(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return "-" if value is None else str(value)
+
+
+def registry_table() -> list[dict[str, str]]:
+    """One row per model for ``carlzoo list``: all values are display strings."""
+    rows = []
+    for name in list_models():
+        e = REGISTRY[name]
+        rows.append(
+            {
+                "name": name,
+                "dataset": e.dataset,
+                "input": f"{e.input_size}px",
+                "backbone": e.backbone,
+                "status": e.status,
+                "bundled": "yes" if bundled_path(name) else "no",
+                "knn_top1": _fmt_metric(e.metrics.get("knn_top1")),
+                "linear_top1": _fmt_metric(e.metrics.get("linear_top1")),
+                "repo": e.repo_id,
+                "revision": e.revision[:12] if e.revision else "-",
+            }
+        )
+    return rows

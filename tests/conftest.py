@@ -1,0 +1,76 @@
+"""Shared test set-up: the Hugging Face client points at a local Hub server, never the network.
+
+huggingface_hub reads ``HF_ENDPOINT``, ``HF_HUB_DISABLE_XET``, ``HF_HUB_OFFLINE`` and ``HF_HOME``
+when it is imported, so they are set here, at import time, before any test module (or carlzoo)
+can import it. The session fixture ``local_hub`` starts :class:`hubserver.LocalHub` on the
+port chosen here; it stops by itself at the end of the session.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import sys
+import tempfile
+
+from hubserver import LocalHub, pick_free_port
+
+if "huggingface_hub" in sys.modules:  # pragma: no cover - a plugin imported it first
+    raise RuntimeError(
+        "huggingface_hub was imported before tests/conftest.py could point it at the local Hub "
+        "server; run pytest without plugins that import it (or set HF_ENDPOINT yourself)"
+    )
+
+HUB_PORT = pick_free_port()
+HUB_ENDPOINT = f"http://127.0.0.1:{HUB_PORT}"
+HF_HOME = tempfile.mkdtemp(prefix="carlzoo-test-hf-home-")
+atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+
+# Anything that would send the client elsewhere, use a real token or a shared cache goes.
+for _var in (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_TOKEN_PATH",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ASSETS_CACHE",
+    "HF_XET_CACHE",
+    "HUGGINGFACE_CO_STAGING",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_OIDC_RESOURCE",
+    "HF_DEBUG",
+):
+    os.environ.pop(_var, None)
+os.environ.update(
+    {
+        "HF_ENDPOINT": HUB_ENDPOINT,
+        "HF_HOME": HF_HOME,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+    }
+)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def local_hub():
+    """A running :class:`hubserver.LocalHub` at ``HF_ENDPOINT`` (shared by the whole session).
+
+    Tests share its state: use repo ids of their own (e.g. ``f"test/{request.node.name}"``).
+    """
+    hub = LocalHub(port=HUB_PORT)
+    hub.start()
+    try:
+        yield hub
+    finally:
+        hub.stop()
+    if hub.errors:  # a bug in the server itself: fail loudly rather than hide it behind a 500
+        raise AssertionError(
+            f"LocalHub answered {len(hub.errors)} request(s) with an internal "
+            f"error; the first:\n{hub.errors[0]}"
+        )

@@ -1,0 +1,436 @@
+"""``carlzoo export`` / ``carlzoo push``: a real (tiny) training run -> model folder -> local Hub
+-> ``carlzoo.load`` by Hub spec and by registry name, online and offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from hubserver import LocalHub
+
+import carlzoo
+from carlzoo import registry
+from carlzoo.cli.export_cmd import export, push
+from carlzoo.export.card import parse_front_matter
+from carlzoo.export.push import registry_snippet
+from carlzoo.export.repo import (
+    ExportError,
+    check_parity,
+    export_model,
+    read_run_records,
+    real_parity_images,
+)
+from carlzoo.model import ModelConfig
+from carlzoo.pretrained import from_pretrained
+from carlzoo.training.config import config_to_dict, load_config
+from carlzoo.training.run import load_run
+from carlzoo.training.train import train
+
+pytestmark = pytest.mark.filterwarnings(  # raised inside huggingface_hub's LFS upload
+    "ignore:Use 'content=<...>':DeprecationWarning"
+)
+
+MODEL_FILES = {
+    "README.md",
+    "config.json",
+    "metrics.json",
+    "model.onnx",
+    "model.safetensors",
+    "training_config.json",
+}
+
+
+def _npz(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 64),
+        x_test=rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 16),
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-epoch run of the real training entry point on a tiny synthetic npz dataset."""
+    root = tmp_path_factory.mktemp("export_run")
+    data = _npz(root / "tiny.npz")
+    cfg = load_config(
+        None,
+        overrides=[
+            "data.dataset=npz",
+            f"data.root={data}",
+            "data.image_size=16",
+            "model.width=4",
+            "model.num_prototypes=10",
+            "optim.batch_size=16",
+            "epochs=1",
+            "knn_every=0",
+            "device=cpu",
+            "precision=fp32",
+            "channels_last=false",
+        ],
+    )
+    train(cfg, root / "run", progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("export_out") / "carl-tiny"
+    return export_model(run_dir, out)
+
+
+def _no_leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if ".export-" in p.name or p.name.endswith(".old")]
+
+
+def test_export_writes_the_runtime_folder(run_dir: Path, exported) -> None:
+    out = exported.out_dir
+    assert {p.name for p in out.iterdir()} == MODEL_FILES
+    assert set(exported.files) == MODEL_FILES
+    assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in exported.files.values())
+    assert _no_leftovers(out.parent) == []
+
+    cfg = json.loads((out / "config.json").read_text())
+    _, train_cfg, ckpt = load_run(run_dir)
+    assert cfg["format"] == "carlzoo/1" and cfg["name"] == "carl-tiny"
+    assert cfg["architecture"] == ModelConfig(width=4, num_prototypes=10).to_dict()
+    assert cfg["preprocessing"] == {
+        "input_size": 16,
+        "resize_size": 16,
+        "interpolation": "bicubic",
+        "mean": list(train_cfg.augment.mean),
+        "std": list(train_cfg.augment.std),
+    }
+    prov = cfg["provenance"]
+    assert prov["dataset"] == "npz" and prov["epochs"] == 1 == ckpt.epoch
+    assert prov["code_version"] == carlzoo.__version__
+    assert prov["weights_dtype"] == "float32" and prov["onnx_opset"] == 18
+    assert prov["train_time_s"] > 0 and prov["hardware"] is None
+    expected_cfg = config_to_dict(train_cfg)
+    expected_cfg["data"]["root"] = "tiny.npz"  # local paths are not published
+    assert prov["training_config"] == expected_cfg
+    assert json.loads((out / "training_config.json").read_text()) == expected_cfg
+    # knn_every=0 and no eval.json: nothing was measured, so nothing is claimed
+    assert cfg["metrics"] == {} and exported.metrics == {}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["measured"] == {} and metrics["knn_monitor"] is None
+    assert metrics["last_epoch"]["epoch"] == 1
+    assert exported.roundtrip_max_abs_diff <= 1e-6
+
+
+def test_card_claims_only_measured_results(exported) -> None:
+    text = (exported.out_dir / "README.md").read_text()
+    meta = parse_front_matter(text)
+    assert meta == yaml.safe_load(text.split("---")[1])
+    assert meta["library_name"] == "carlzoo"
+    assert meta["pipeline_tag"] == "image-feature-extraction"
+    assert meta["license"] == "apache-2.0"
+    assert {"carl", "self-supervised", "image-feature-extraction", "onnx"} <= set(meta["tags"])
+    assert "model-index" not in meta and "metrics" not in meta
+    assert "datasets" not in meta  # a custom npz dataset has no Hub id
+    assert text.count("not measured") >= 2
+    assert "$" not in text.split("```bash")[0]  # every template placeholder was filled
+    assert "Ramírez Rivera, Adín" in text and "2112.15421" in text
+    assert "Representation Learning via Consistent Assignment of Views to Clusters" in text
+
+
+def test_onnx_parity_on_random_and_real_images(exported) -> None:
+    par = exported.parity
+    for key in ("random", "real"):
+        check = par[key]
+        assert check["scaled_diff"] <= 1e-4 and check["min_cosine"] > 1 - 1e-5
+        assert check["max_abs_diff"] >= 0
+    assert par["real"]["source"] == "8 images of the npz test split"
+    cfg = json.loads((exported.out_dir / "config.json").read_text())
+    assert cfg["provenance"]["onnx_parity"]["real"]["n"] == 8
+    text = (exported.out_dir / "README.md").read_text()
+    assert "ONNX vs PyTorch on 8 images of the npz test split" in text
+
+
+def test_exported_folder_reproduces_the_checkpoint(run_dir: Path, exported) -> None:
+    model, _, _ = load_run(run_dir)
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(x).features
+    for backend in ("torch", "onnx"):
+        loaded = from_pretrained(exported.out_dir, backend=backend)
+        got = loaded.embed(x, normalize=False)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_eval_json_metrics_reach_config_and_model_index(run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    probe = {
+        "protocol": "linear",
+        "dataset": "npz",
+        "top1": 12.5,
+        "top5": 50.0,
+        "settings": {"layer": "backbone"},
+    }
+    (run / "eval.json").write_text(json.dumps(probe))
+    res = export_model(run, tmp_path / "m", onnx=False, name="carl-probed")
+    assert res.metrics == {"linear_top1": 12.5, "linear_top5": 50.0}
+    assert res.parity is None and not (tmp_path / "m" / "model.onnx").exists()
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["metrics"] == {"linear_top1": 12.5, "linear_top5": 50.0}
+    meta = parse_front_matter((tmp_path / "m" / "README.md").read_text())
+    (entry,) = meta["model-index"]
+    assert entry["name"] == "carl-probed"
+    (result,) = entry["results"]
+    assert result["dataset"]["type"] == "npz" and result["task"]["type"] == "image-classification"
+    assert [(m["type"], m["value"]) for m in result["metrics"]] == [
+        ("accuracy", 12.5),
+        ("top_5_accuracy", 50.0),
+    ]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "12.50%" in card and "--protocol linear" in card
+    assert re.search(r"kNN top-1 accuracy \| .* \| not measured", card)
+
+
+def test_float16_export(run_dir: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    res = export_model(run_dir, tmp_path / "h", dtype="float16", onnx=False)
+    with safe_open(str(tmp_path / "h" / "model.safetensors"), framework="pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert dtypes["backbone.conv1.weight"] == torch.float16
+    assert dtypes["backbone.bn1.running_var"] == torch.float32
+    cfg = json.loads((tmp_path / "h" / "config.json").read_text())
+    assert cfg["provenance"]["weights_dtype"] == "float16"
+    assert cfg["provenance"]["float16_max_abs_diff"] == res.roundtrip_max_abs_diff
+    assert "float16" in (tmp_path / "h" / "README.md").read_text()
+
+
+def test_run_records_count_each_epoch_once(tmp_path: Path) -> None:
+    lines = [
+        {"epoch": 1, "epoch_time_s": 10.0},
+        {"epoch": 2, "epoch_time_s": 99.0, "knn_top1": 1.0},  # lost to a crash, then resumed
+        {"epoch": 2, "epoch_time_s": 20.0, "knn_top1": 30.0, "knn_top5": 60.0},
+        {"epoch": 3, "epoch_time_s": 30.0, "knn_top1": 40.0, "hardware": "1x GPU"},
+    ]
+    text = "\n".join(json.dumps(r) for r in lines) + '\n{"epoch": 4, "los'  # killed mid-write
+    (tmp_path / "metrics.jsonl").write_text(text)
+    rec = read_run_records(tmp_path, last_epoch=2)
+    assert [r["epoch"] for r in rec.records] == [1, 2]
+    assert rec.train_time_s == 30.0 and rec.knn["knn_top1"] == 30.0 and rec.hardware is None
+    assert read_run_records(tmp_path, last_epoch=9).hardware == "1x GPU"
+    fallback = read_run_records(tmp_path / "none", 1, {"epoch": 1, "epoch_time_s": 5.0})
+    assert fallback.train_time_s == 5.0 and fallback.knn is None
+
+
+def test_parity_images_fall_back_to_example_images(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from PIL import Image
+
+    from carlzoo.export import repo
+    from carlzoo.pretrained import Preprocessing
+
+    _, cfg, _ = load_run(run_dir)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(tmp_path / "gone")))
+    pre = Preprocessing(input_size=16, resize_size=16)
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    for i in range(2):
+        Image.new("RGB", (40, 30), (60 * i, 100, 200)).save(examples / f"img{i}.png")
+    (examples / "broken.jpg").write_bytes(b"not an image")
+    monkeypatch.setattr(repo, "EXAMPLE_IMAGES", examples)
+    x, source = real_parity_images(cfg, pre)
+    assert tuple(x.shape) == (2, 3, 16, 16) and source == "2 bundled example images"
+    monkeypatch.setattr(repo, "EXAMPLE_IMAGES", tmp_path / "no-examples")
+    assert real_parity_images(cfg, pre) is None
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def _cli(cmd, args: list[str]):
+    return CliRunner().invoke(cmd, args, catch_exceptions=False)
+
+
+def _error(result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_export_without_checkpoint_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "empty_run").mkdir()
+    msg = _error(_cli(export, [str(tmp_path / "empty_run"), "--out", str(tmp_path / "m")]))
+    assert "holds no checkpoint" in msg and "empty_run" in msg
+    assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path) == []
+    msg = _error(_cli(export, [str(tmp_path / "nope"), "--out", str(tmp_path / "m")]))
+    assert "not found" in msg
+
+
+def test_export_of_corrupt_checkpoint_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    ckpt = run / "checkpoints" / "last.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    msg = _error(_cli(export, [str(run), "--out", str(tmp_path / "m")]))
+    assert "last.safetensors" in msg and "safetensors" in msg
+    assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_overwrite(run_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    msg = _error(_cli(export, [str(run_dir), "--out", str(out), "--no-onnx"]))
+    assert "already exists" in msg and "--overwrite" in msg
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    result = _cli(export, [str(run_dir), "--out", str(out), "--no-onnx", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == MODEL_FILES - {"model.onnx"}
+    assert "measured metrics: none" in result.output
+    assert _no_leftovers(tmp_path) == []
+
+
+def test_failed_onnx_export_leaves_nothing(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import carlzoo.export.onnx
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter exploded\nwith a long traceback")
+
+    monkeypatch.setattr(carlzoo.export.onnx, "export_onnx", broken)
+    msg = _error(_cli(export, [str(run_dir), "--out", str(tmp_path / "m")]))
+    assert "ONNX export (opset 18) failed: RuntimeError: exporter exploded with" in msg
+    assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path) == []
+
+
+def test_parity_beyond_the_limit_is_an_error(exported) -> None:
+    model = from_pretrained(exported.out_dir)
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ExportError, match="ONNX parity check failed on 2 random"):
+        check_parity(model, exported.out_dir / "model.onnx", x, None, tol=0.0)
+    model.backbone.conv1.weight.data.mul_(1.5)  # the graph no longer matches the weights
+    with pytest.raises(ExportError, match="does not reproduce the model"):
+        check_parity(model, exported.out_dir / "model.onnx", x, None)
+
+
+def test_push_without_token_fails_before_any_request(
+    exported, local_hub: LocalHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    before = len(local_hub.requests)
+    msg = _error(_cli(push, [str(exported.out_dir), "--repo-id", "test/no-token"]))
+    assert "no Hugging Face token" in msg and "--token" in msg and "HF_TOKEN" in msg
+    assert len(local_hub.requests) == before
+
+
+def test_push_refuses_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    msg = _error(_cli(push, [str(tmp_path), "--repo-id", "test/x", "--token", "t"]))
+    assert "not an exported model folder" in msg
+
+
+# ---- publish and load back ---------------------------------------------------------------
+
+
+def _push(folder: Path, repo_id: str, *extra: str) -> tuple[str, dict]:
+    result = _cli(push, [str(folder), "--repo-id", repo_id, "--token", "hf_test", *extra])
+    assert result.exit_code == 0, result.output
+    sha = re.search(r"commit ([0-9a-f]{40})", result.output).group(1)
+    entry = json.loads(result.output[result.output.index("{") :])
+    return sha, entry
+
+
+def test_push_then_load_by_hub_spec_and_registry_name(
+    exported, local_hub: LocalHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    repo_id = "carlzoo-test/carl-tiny"
+    sha, entry = _push(exported.out_dir, repo_id, "--json")
+    assert local_hub.head(repo_id) == sha
+    assert entry["revision"] == sha and entry["repo_id"] == repo_id
+    assert entry["files"] == exported.files  # sha256 of every file, as exported
+    assert entry["name"] == "carl-tiny" and entry["status"] == "published"
+    assert local_hub.is_lfs(repo_id, "model.safetensors") and local_hub.is_lfs(
+        repo_id, "model.onnx"
+    )
+    assert not local_hub.is_lfs(repo_id, "config.json")
+
+    # the printed Python snippet builds the same registry entry
+    snippet = registry_snippet(entry)
+    zoo_entry = eval(snippet, {"ZooEntry": registry.ZooEntry})
+    assert zoo_entry == registry.ZooEntry(**entry)
+    monkeypatch.setitem(registry.REGISTRY, "carl-tiny", zoo_entry)
+
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    local = from_pretrained(exported.out_dir).embed(x)
+    for backend in ("torch", "onnx"):
+        for spec in (f"hf-hub:{repo_id}@{sha}", "carl-tiny"):
+            got = carlzoo.load(spec, backend=backend).embed(x)
+            torch.testing.assert_close(got, local, rtol=1e-5, atol=1e-5)
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "local.npy", local.numpy())
+
+    # the same loads from the Hugging Face cache alone, in a fresh offline process
+    script = textwrap.dedent(f"""
+        import json, sys, numpy as np, torch
+        from huggingface_hub import constants
+        import carlzoo
+        from carlzoo import registry
+        assert constants.HF_HUB_OFFLINE
+        entry = json.loads(sys.argv[1])
+        registry.REGISTRY["carl-tiny"] = registry.ZooEntry(**entry)
+        x = torch.from_numpy(np.load({str(tmp_path / "x.npy")!r}))
+        ref = torch.from_numpy(np.load({str(tmp_path / "local.npy")!r}))
+        for backend in ("torch", "onnx"):
+            for spec in ("hf-hub:{repo_id}@{sha}", "carl-tiny"):
+                got = carlzoo.load(spec, backend=backend).embed(x)
+                torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        print("ok")
+    """)
+    before = len(local_hub.requests)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(entry)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("ok")
+    assert len(local_hub.requests) == before  # nothing reached the server
+
+
+def test_push_to_a_branch_mirrors_the_folder(exported, local_hub: LocalHub, tmp_path: Path) -> None:
+    repo_id = "carlzoo-test/branchy"
+    folder = tmp_path / "m"
+    shutil.copytree(exported.out_dir, folder)
+    main_sha, _ = _push(folder, repo_id, "--json")
+    (folder / "model.onnx").unlink()  # e.g. re-exported with --no-onnx
+    dev_sha, entry = _push(folder, repo_id, "--revision", "dev", "--json")
+    assert dev_sha != main_sha and entry["revision"] == dev_sha
+    assert local_hub.head(repo_id, "dev") == dev_sha and local_hub.head(repo_id) == main_sha
+    assert "model.onnx" not in local_hub.list_files(repo_id, "dev")
+    assert "model.onnx" in local_hub.list_files(repo_id, "main")
+    assert set(entry["files"]) == MODEL_FILES - {"model.onnx"}
+    # an unchanged folder pushed again is the same commit; the default output is Python
+    result = _cli(push, [str(folder), "--repo-id", repo_id, "--revision", "dev", "--token", "t"])
+    assert result.exit_code == 0, result.output
+    assert f"commit {dev_sha}" in result.output
+    snippet = result.output[result.output.index("ZooEntry(") :]
+    assert eval(snippet, {"ZooEntry": registry.ZooEntry}).revision == dev_sha
