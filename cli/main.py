@@ -11,7 +11,10 @@ import logging
 import click
 
 from carlzoo import __version__
+from carlzoo.cli.export_cmd import export, push
+from carlzoo.cli.probe_cmd import probe
 from carlzoo.cli.train_cmd import train
+from carlzoo.cli.zoo_cmd import assign, embed, info, list_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -22,7 +25,8 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
 
 
-main.add_command(train)
+for _command in (list_cmd, info, embed, assign, probe, train, export, push):
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

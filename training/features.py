@@ -45,15 +45,17 @@ def extract_features(
     """Features (N, F) float32 on the CPU of (N, H, W, 3) uint8 images.
 
     ``layer`` is "backbone" (the features probes use), "projection" (z) or "logits".
-    The model is put in eval mode for the call and restored afterwards.
+    The model is put in eval mode (and on ``device``, when given) for the call; its mode and
+    device are restored afterwards.
     """
     if layer not in ("backbone", "projection", "logits"):
         raise ValueError(f"layer={layer!r}: expected backbone, projection or logits")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else was_device
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     was_training = model.training
-    model.eval()
+    model.eval().to(device)
     out = []
     try:
         for start in range(0, images.shape[0], batch_size):
@@ -71,7 +73,7 @@ def extract_features(
                         feats = model.prototype_logits(feats)
             out.append(feats.float().cpu())
     finally:
-        model.train(was_training)
+        model.train(was_training).to(was_device)
     if not out:
         return torch.zeros(0, model.num_features)
     return torch.cat(out)

@@ -1,0 +1,85 @@
+"""``carlzoo probe``: kNN, linear, semi-supervised, fine-tuning and clustering evaluation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+_PROTOCOLS = ("knn", "linear", "semi1", "semi10", "finetune", "cluster")
+
+
+def _table(result: dict[str, Any]) -> str:
+    keys = ["protocol", "model", "model_train_dataset", "dataset", "n_train", "n_test",
+            "top1", "top5", "nmi", "ari", "acc", "purity", "prototypes_used", "n_labelled",
+            "time_s"]
+    rows = []
+    for key in keys:
+        if key not in result:
+            continue
+        v = result[key]
+        text = f"{v:.4f}" if key in ("nmi", "ari") else f"{v:.2f}" if isinstance(v, float) else v
+        rows.append(f"  {key:<20} {text}")
+    return "\n".join(rows)
+
+
+@click.command()
+@click.option("--model", "model_spec", required=True, metavar="NAME_OR_DIR_OR_RUN",
+              help="Run folder or checkpoint from `carlzoo train`, or anything carlzoo.load "
+                   "accepts (zoo name, model folder, hf-hub:org/repo).")
+@click.option("--dataset", required=True, help="Dataset name (cifar10, cifar100, stl10, npz, ...).")
+@click.option("--data-root", required=True, help="Folder (or .npz file) holding the dataset.")
+@click.option("--protocol", required=True, metavar="|".join(_PROTOCOLS),
+              help="knn, linear, semi1, semi10, finetune or cluster.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the result as JSON here (atomically).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Feature extraction and fine-tuning batch size.")
+@click.option("--epochs", type=int, default=None,
+              help="Fine-tuning epochs (semi1 60, semi10 30, finetune 30 by default).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the labelled subset and of fine-tuning.")
+@click.option("--layer", type=click.Choice(["backbone", "projection"]), default="backbone",
+              show_default=True, help="Features to probe.")
+@click.option("--k", "k", type=int, default=200, show_default=True, help="kNN neighbours.")
+@click.option("--t", "t", type=float, default=0.1, show_default=True, help="kNN temperature.")
+@click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
+              help="Cache frozen features (.safetensors) in this folder.")
+@click.option("--resize", is_flag=True,
+              help="Resize images to the model's input size when they differ.")
+@click.option("--download", is_flag=True, help="Download the dataset if it is missing.")
+def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path: str | None,
+          device: str, batch_size: int, epochs: int | None, seed: int, layer: str, k: int,
+          t: float, cache_dir: str | None, resize: bool, download: bool) -> None:
+    """Evaluate an encoder on a labelled dataset.
+
+    \b
+    carlzoo probe --model runs/c10 --dataset cifar10 --data-root data/ --protocol knn
+    carlzoo probe --model carl-cifar10 --dataset cifar100 --data-root data/ \\
+        --protocol linear --cache feats/ --out c10_to_c100.json
+    """
+    from carlzoo.training import evaluate
+    from carlzoo.training.checkpoint import CheckpointError
+    from carlzoo.training.datasets import DatasetError
+
+    if protocol not in _PROTOCOLS:
+        raise click.ClickException(f"unknown protocol {protocol!r}; valid: "
+                                   f"{', '.join(_PROTOCOLS)}")
+    if batch_size < 1 or k < 1 or t <= 0 or (epochs is not None and epochs < 1):
+        raise click.ClickException("--batch-size, --k and --epochs must be >= 1 and --t > 0")
+    try:
+        result = evaluate.run_probe(model_spec, dataset, data_root, protocol, layer=layer, k=k,
+                                    t=t, epochs=epochs, seed=seed, batch_size=batch_size,
+                                    device=device, cache_dir=cache_dir, resize=resize,
+                                    download=download)
+    except (evaluate.ProbeError, DatasetError, CheckpointError, ValueError) as e:
+        # ValueError includes ZooError (carlzoo.load) and config errors: one-line messages.
+        raise click.ClickException(" ".join(str(e).split())) from None
+    except (KeyError, OSError, ImportError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise click.ClickException(f"{type(e).__name__}: {msg}") from None
+    click.echo(_table(result))
+    if out_path is not None:
+        evaluate.write_json(result, out_path)
+        click.echo(f"wrote {out_path}")

@@ -1,0 +1,304 @@
+"""Tests for carlzoo.training.evaluate and `carlzoo probe`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from carlzoo.cli.probe_cmd import probe
+from carlzoo.model import ModelConfig, build_model
+from carlzoo.training import evaluate
+from carlzoo.training.config import load_config
+
+torch.set_num_threads(2)
+
+TINY = ModelConfig(width=4, num_prototypes=10)
+
+
+def _blobs(n_per_class: int, n_classes: int = 5, dim: int = 16, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim)) * 10.0
+    y = np.repeat(np.arange(n_classes), n_per_class)
+    x = centres[y] + rng.normal(size=(y.size, dim))
+    return x.astype(np.float32), y.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# kNN and linear probe
+# --------------------------------------------------------------------------------------------
+
+
+def test_knn_and_linear_separate_blobs():
+    xtr, ytr = _blobs(40, seed=0)
+    xte, yte = _blobs(20, seed=0)
+    xte = xte + np.random.default_rng(1).normal(size=xte.shape).astype(np.float32) * 0.1
+    knn = evaluate.knn_eval(xtr, ytr, xte, yte, k=20)
+    lin = evaluate.linear_eval(xtr, ytr, xte, yte)
+    assert knn["top1"] == pytest.approx(100.0)
+    assert lin["top1"] == pytest.approx(100.0)
+    assert lin["top5"] == pytest.approx(100.0)
+
+
+def test_shuffled_labels_give_chance():
+    rng = np.random.default_rng(0)
+    n_classes = 4
+    xtr = rng.normal(size=(800, 8)).astype(np.float32)
+    ytr = rng.integers(0, n_classes, 800)
+    xte = rng.normal(size=(2000, 8)).astype(np.float32)
+    yte = rng.integers(0, n_classes, 2000)
+    chance = 100.0 / n_classes
+    assert abs(evaluate.knn_eval(xtr, ytr, xte, yte)["top1"] - chance) < 5.0
+    assert abs(evaluate.linear_eval(xtr, ytr, xte, yte)["top1"] - chance) < 5.0
+
+
+def test_knn_k_larger_than_train_set():
+    xtr, ytr = _blobs(2, n_classes=3)
+    xte, yte = _blobs(5, n_classes=3)
+    res = evaluate.knn_eval(xtr, ytr, xte, yte, k=200, t=0.1)
+    assert res["k_used"] == 6 and res["k"] == 200
+    assert res["top1"] == pytest.approx(100.0)
+
+
+def test_linear_eval_is_fast_on_cifar_sized_features():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(20000, 512)).astype(np.float32)
+    y = rng.integers(0, 10, 20000)
+    res = evaluate.linear_eval(x, y, x[:1000], y[:1000])
+    assert res["fit_time_s"] < 20.0 and res["iterations"] <= 300
+
+
+# --------------------------------------------------------------------------------------------
+# Balanced subsets
+# --------------------------------------------------------------------------------------------
+
+
+def test_balanced_subset_counts_and_determinism():
+    y = np.repeat(np.arange(10), 100)
+    np.random.default_rng(0).shuffle(y)
+    idx = evaluate.balanced_subset(y, 0.1, seed=3)
+    assert len(idx) == 100 and len(np.unique(idx)) == 100
+    assert np.bincount(y[idx], minlength=10).tolist() == [10] * 10
+    assert np.array_equal(idx, evaluate.balanced_subset(y, 0.1, seed=3))
+    assert not np.array_equal(idx, evaluate.balanced_subset(y, 0.1, seed=4))
+    small = evaluate.balanced_subset(y, 0.01, seed=0)
+    assert np.bincount(y[small], minlength=10).tolist() == [1] * 10
+
+
+def test_balanced_subset_excludes_held_out_indices():
+    y = np.repeat(np.arange(4), 50)
+    held_out = np.arange(0, 200, 2)  # e.g. a test split carved from the same array
+    idx = evaluate.balanced_subset(y, 0.2, seed=0, exclude=held_out)
+    assert not set(idx.tolist()) & set(held_out.tolist())
+    assert np.bincount(y[idx]).tolist() == [10] * 4
+    with pytest.raises(ValueError):
+        evaluate.balanced_subset(y, 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Clustering metrics
+# --------------------------------------------------------------------------------------------
+
+
+def test_cluster_metrics_permuted_labelling_is_perfect():
+    y = np.array([0, 0, 1, 1, 2, 2, 2])
+    a = np.array([7, 7, 3, 3, 5, 5, 5])
+    res = evaluate.cluster_metrics(a, y, num_prototypes=10)
+    assert res["nmi"] == pytest.approx(1.0)
+    assert res["ari"] == pytest.approx(1.0)
+    assert res["acc"] == pytest.approx(100.0)
+    assert res["prototypes_used"] == 3 and res["num_prototypes"] == 10
+
+
+def test_cluster_accuracy_known_confusion():
+    # Contingency (clusters x classes): c0 -> [3, 1], c1 -> [2, 4]. Best one-to-one matching:
+    # c0 -> class 0, c1 -> class 1: (3 + 4) / 10 = 70%. Purity: (3 + 4) / 10 as well.
+    y = np.array([0, 0, 0, 1, 0, 0, 1, 1, 1, 1])
+    a = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    res = evaluate.cluster_metrics(a, y)
+    assert res["acc"] == pytest.approx(70.0)
+    # Three clusters, two classes: one-to-one leaves the third cluster unmatched.
+    a3 = np.array([0, 0, 0, 2, 1, 1, 1, 1, 1, 1])
+    res3 = evaluate.cluster_metrics(a3, y)
+    assert res3["acc"] == pytest.approx(70.0)
+    assert res3["purity"] == pytest.approx(80.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Feature cache
+# --------------------------------------------------------------------------------------------
+
+
+def test_feature_cache_is_keyed_by_model(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    kw = dict(mean=(0.5,) * 3, std=(0.25,) * 3, cache_dir=tmp_path, device="cpu",
+              cache_tag={"model": "m", "dataset": "d", "split": "train"})
+    torch.manual_seed(0)
+    m1 = build_model(TINY)
+    f1 = evaluate.compute_features(m1, images, **kw)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1 and "m-d-train-backbone" in files[0].name
+    assert torch.equal(evaluate.compute_features(m1, images, **kw), f1)
+    m2 = build_model(TINY)
+    f2 = evaluate.compute_features(m2, images, **kw)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    assert not torch.equal(f1, f2)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: a tiny run folder from the real training loop, probed through the CLI
+# --------------------------------------------------------------------------------------------
+
+
+def _npz(path: Path, size: int, n_train: int = 48, n_test: int = 24, n_classes: int = 4) -> Path:
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, (n_classes, 3))
+
+    def make(n):
+        y = np.arange(n) % n_classes
+        x = colours[y][:, None, None, :] + rng.normal(0, 20, (n, size, size, 3))
+        return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
+
+    xtr, ytr = make(n_train)
+    xte, yte = make(n_test)
+    np.savez(path, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from carlzoo.training.train import train
+
+    root = tmp_path_factory.mktemp("probe")
+    data = _npz(root / "tiny.npz", 16)
+    cfg = load_config(model={"width": 4, "num_prototypes": 10},
+                      data={"dataset": "npz", "root": str(data), "image_size": 16},
+                      optim={"batch_size": 16}, epochs=1, knn_every=0, device="cpu",
+                      precision="fp32", channels_last=False)
+    train(cfg, root / "run", progress=False)
+    return root / "run", data
+
+
+@pytest.mark.parametrize("protocol", ["knn", "linear", "cluster"])
+def test_cli_writes_documented_json(tiny_run, tmp_path, protocol):
+    run, data = tiny_run
+    out = tmp_path / "res.json"
+    res = CliRunner().invoke(probe, ["--model", str(run), "--dataset", "npz", "--data-root",
+                                     str(data), "--protocol", protocol, "--out", str(out),
+                                     "--device", "cpu", "--k", "5", "--cache",
+                                     str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["protocol"] == protocol and doc["dataset"] == "npz"
+    assert doc["model"] == str(run) and doc["model_train_dataset"] == "npz"
+    assert doc["n_test"] == 24 and doc["n_train"] == (0 if protocol == "cluster" else 48)
+    if protocol == "cluster":
+        assert {"nmi", "ari", "acc", "prototypes_used"} <= set(doc)
+        assert doc["num_prototypes"] == 10
+    else:
+        assert 0.0 <= doc["top1"] <= 100.0 and "top5" in doc
+        assert doc["settings"]["layer"] == "backbone"
+    if protocol == "knn":
+        assert doc["settings"]["k"] == 5 and doc["settings"]["t"] == 0.1
+    assert list((tmp_path / "cache").glob("*.safetensors"))
+    assert "top1" in res.output or "nmi" in res.output
+
+
+@pytest.mark.parametrize("protocol", ["semi1", "finetune"])
+def test_semi_and_finetune_end_to_end(tiny_run, tmp_path, protocol):
+    run, data = tiny_run
+    res = evaluate.run_probe(run, "npz", data, protocol, epochs=1, batch_size=16, device="cpu")
+    assert res["n_train"] == 48 and 0.0 <= res["top1"] <= 100.0
+    assert res["settings"]["epochs"] == 1
+    if protocol == "semi1":
+        # 1% of 48 over 4 classes: one labelled image per class, indices saved.
+        idx = res["subset_indices"]
+        assert len(idx) == 4 and res["n_labelled"] == 4
+        assert res["settings"]["fraction"] == 0.01
+        again = evaluate.run_probe(run, "npz", data, protocol, epochs=1, batch_size=16,
+                                   device="cpu")
+        assert again["subset_indices"] == idx
+    else:
+        assert res["n_labelled"] == 48 and "subset_indices" not in res
+
+
+def test_finetune_learns_separable_classes(tmp_path):
+    data = np.load(_npz(tmp_path / "c.npz", 16, n_train=64, n_test=32))
+    torch.manual_seed(0)
+    res = evaluate.finetune_eval(build_model(TINY), data["x_train"], data["y_train"],
+                                 data["x_test"], data["y_test"], mean=(0.5,) * 3,
+                                 std=(0.25,) * 3, size=16, epochs=8, batch_size=16,
+                                 device="cpu")
+    assert res["top1"] >= 90.0 and res["n_labelled"] == 64
+
+
+def test_projection_layer_and_model_untouched(tiny_run):
+    run, data = tiny_run
+    pm = evaluate.load_probe_model(run)
+    before = {k: v.clone() for k, v in pm.model.state_dict().items()}
+    res = evaluate.run_probe(pm, "npz", data, "semi10", epochs=1, batch_size=16,
+                             layer="projection")
+    assert res["settings"]["layer"] == "projection"
+    after = pm.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_cross_domain_probe_of_a_model_folder(tiny_run, tmp_path):
+    from carlzoo.pretrained import Preprocessing, ZooConfig, save_pretrained
+
+    _, data = tiny_run
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    cfg = ZooConfig(architecture=TINY, preprocessing=Preprocessing(input_size=16, resize_size=16),
+                    name="tiny", provenance={"dataset": "cifar10"})
+    folder = save_pretrained(model, tmp_path / "tiny_model", cfg)
+    res = evaluate.run_probe(str(folder), "npz", data, "knn", k=5, device="cpu")
+    assert res["model_source"] == "pretrained"
+    assert res["model_train_dataset"] == "cifar10" and res["probe_dataset"] == "npz"
+    assert res["cross_domain"] is True
+
+
+def test_errors_are_one_line(tiny_run, tmp_path):
+    run, data = tiny_run
+    runner = CliRunner()
+    base = ["--model", str(run), "--device", "cpu"]
+
+    missing = runner.invoke(probe, base + ["--dataset", "npz", "--data-root",
+                                           str(tmp_path / "nope.npz"), "--protocol", "knn"])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    assert "Traceback" not in missing.output
+
+    big = _npz(tmp_path / "big.npz", 24)
+    mismatch = runner.invoke(probe, base + ["--dataset", "npz", "--data-root", str(big),
+                                            "--protocol", "knn"])
+    assert mismatch.exit_code == 1
+    assert "expects 16 px" in mismatch.output and "--resize" in mismatch.output
+    ok = runner.invoke(probe, base + ["--dataset", "npz", "--data-root", str(big),
+                                      "--protocol", "knn", "--resize", "--k", "3"])
+    assert ok.exit_code == 0, ok.output
+
+    bad = runner.invoke(probe, base + ["--dataset", "npz", "--data-root", str(data),
+                                       "--protocol", "nearest"])
+    assert bad.exit_code == 1 and "unknown protocol" in bad.output
+    with pytest.raises(evaluate.ProbeError, match="unknown protocol"):
+        evaluate.run_probe(run, "npz", data, "nearest")
+
+    no_run = runner.invoke(probe, ["--model", str(tmp_path / "no_such_model"), "--dataset",
+                                   "npz", "--data-root", str(data), "--protocol", "knn"])
+    assert no_run.exit_code == 1 and "Traceback" not in no_run.output
+
+
+def test_unlabelled_dataset_is_refused(tmp_path, monkeypatch):
+    from carlzoo.training import datasets
+
+    def fake(name, root, split, **kw):
+        return datasets.ImageArrays(np.zeros((4, 16, 16, 3), np.uint8), None, None)
+
+    monkeypatch.setattr(datasets, "load_split", fake)
+    pm = evaluate.ProbeModel(build_model(TINY), 16, (0.5,) * 3, (0.5,) * 3, "tiny", "run")
+    with pytest.raises(evaluate.ProbeError, match="no labels"):
+        evaluate.run_probe(pm, "stl10", tmp_path, "knn", device="cpu")
