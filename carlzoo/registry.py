@@ -88,12 +88,15 @@ class ZooEntry:
             )
 
 
-def _entry(name: str, dataset: str, input_size: int, description: str) -> ZooEntry:
+def _entry(
+    name: str, dataset: str, input_size: int, description: str, backbone: str = "resnet18"
+) -> ZooEntry:
     return ZooEntry(
         name=name,
         repo_id=f"carlzoo/{name}",
         dataset=dataset,
         input_size=input_size,
+        backbone=backbone,
         description=description,
     )
 
@@ -108,7 +111,7 @@ REGISTRY: dict[str, ZooEntry] = {
         _entry("carl-cifar100", "cifar100", 32, "CARL ResNet-18 (CIFAR stem) on CIFAR-100"),
         _entry("carl-stl10", "stl10", 96, "CARL ResNet-18 on STL-10 (unlabelled + train)"),
         _entry("carl-tinyimagenet", "tinyimagenet", 64, "CARL ResNet-18 on Tiny ImageNet"),
-        _entry("carl-imagenet64", "imagenet64", 64, "CARL ResNet-50 on ImageNet 64x64"),
+        _entry("carl-imagenet64", "imagenet64", 64, "CARL ResNet-50 on ImageNet 64x64", "resnet50"),
     )
 }
 
