@@ -162,3 +162,27 @@ def test_cosine_schedule_warmup_and_ends():
     assert s[0] == 0.0 and s[9] < s[10] == pytest.approx(1.0)
     assert s[-1] == pytest.approx(0.01, abs=1e-3)
     assert np.all(np.diff(s[10:]) <= 1e-12)
+
+
+def test_optimizer_groups_exclude_norms_and_biases_from_decay():
+    from carlzoo.model import ModelConfig, build_model
+    from carlzoo.training.config import TrainConfig
+    from carlzoo.training.train import build_optimizer
+
+    model = build_model(ModelConfig(width=4, num_prototypes=10))
+    for name in ("sgd", "lars"):
+        cfg = load_config(None, [f"optim.optimizer={name}"])
+        opt = build_optimizer(model, cfg, torch.device("cpu"))
+        decay, no_decay = opt.param_groups
+        assert decay["weight_decay"] == TrainConfig().optim.weight_decay
+        assert no_decay["weight_decay"] == 0.0
+        assert all(p.ndim > 1 for p in decay["params"])
+        assert all(p.ndim <= 1 for p in no_decay["params"])
+        n = sum(len(g["params"]) for g in opt.param_groups)
+        assert n == len(list(model.parameters()))
+    assert type(opt).__name__ == "Lars"
+
+
+def test_lars_run_trains(tmp_path, tiny_npz):
+    cfg = tiny_config(tiny_npz, "epochs=1", "knn_every=0", "optim.optimizer=lars")
+    assert np.isfinite(train(cfg, tmp_path / "run", progress=False)["loss"])
