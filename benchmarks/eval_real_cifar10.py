@@ -49,10 +49,10 @@ def probe(model: CARLModel, train_set: Any, test_set: Any, mean: Any, std: Any,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="cifar10.npz (x_train y_train x_test y_test)")
-    ap.add_argument("--width", type=int, default=16, help="ResNet-18 width (64 = standard)")
-    ap.add_argument("--subset", type=int, default=10000, help="training images used by train()")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--width", type=int, default=8, help="ResNet-18 width (64 = standard)")
+    ap.add_argument("--subset", type=int, default=40000, help="training images used by train()")
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="/tmp/carlzoo_eval_real_cifar10",
                     help="folder for the run and results.json")
@@ -65,13 +65,14 @@ def main() -> None:
     run_dir = out / "run"
     if (run_dir / "checkpoints" / "last.safetensors").exists():
         sys.exit(f"{run_dir} already holds a run; remove it or pass another --out")
-    cfg = load_config("cifar10", data={"dataset": "npz", "root": args.data, "subset": args.subset},
+    data = {"dataset": "cifar10", "root": args.data, "subset": args.subset}
+    cfg = load_config("cifar10", data=data,
                       model={"width": args.width}, optim={"batch_size": args.batch_size},
                       epochs=args.epochs, device="cpu", precision="fp32", knn_every=0,
                       channels_last=False, checkpoint_every=0)
     mean, std = cfg.augment.mean, cfg.augment.std
-    train_set = load_split("npz", args.data, "train")
-    test_set = load_split("npz", args.data, "test")
+    train_set = load_split("cifar10", args.data, "train")
+    test_set = load_split("cifar10", args.data, "test")
     print(f"probe splits: train {len(train_set)}, test {len(test_set)}; pretraining on the first "
           f"{args.subset} train images, ResNet-18 width {args.width}, {args.epochs} epochs, "
           f"batch {args.batch_size}, {args.threads} threads", flush=True)

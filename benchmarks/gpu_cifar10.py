@@ -126,7 +126,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    overrides = [f"data.root={Path(args.data).resolve()}", "data.dataset=npz", *args.overrides]
+    overrides = [f"data.root={Path(args.data).resolve()}", "data.dataset=cifar10", *args.overrides]
     if args.epochs is not None:
         overrides.append(f"epochs={args.epochs}")
     cfg = load_config(args.config, overrides)
@@ -148,8 +148,8 @@ def main() -> None:
 
     model = model.to(device)
     t0 = time.perf_counter()
-    train_set = load_split("npz", args.data, "train")
-    test_set = load_split("npz", args.data, "test")
+    train_set = load_split("cifar10", args.data, "train")
+    test_set = load_split("cifar10", args.data, "test")
     kw = dict(
         mean=cfg.augment.mean,
         std=cfg.augment.std,

@@ -4,9 +4,11 @@
 
 Runs ``carlzoo embed`` and ``carlzoo assign`` (the CLI commands, in this process) on a folder
 of images with the best model available offline: a zoo model bundled in the package
-(``carlzoo/models/<name>/``) when there is one, otherwise a randomly initialised CARL
-ResNet-18 saved to a temp folder, which the output says plainly. Then prints, for each image,
-its nearest neighbour by cosine similarity, and the images grouped by top prototype.
+(``carlzoo/models/<name>/``) when there is one, otherwise the small example model in
+``examples/models/`` (a narrow CARL ResNet-18 trained for a few minutes on a CPU), otherwise a
+randomly initialised CARL ResNet-18 saved to a temp folder; the output says which. Then
+prints, for each image, its nearest neighbour by cosine similarity, and the images grouped by
+top prototype.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+EXAMPLE_DESCRIPTION = (
+    "examples/models/carl-cifar10-cpu-w8: a small example model, not a zoo model: CARL ResNet-18\n"
+    "        at width 8, trained 5 epochs on 40k CIFAR-10 images on a 2-core CPU (8 min);\n"
+    "        CIFAR-10 test kNN 40.1%, linear 45.4% (a full zoo model is far stronger)"
+)
 
 
 def pick_model(tmp: Path) -> tuple[str, str, bool]:
@@ -32,6 +39,9 @@ def pick_model(tmp: Path) -> tuple[str, str, bool]:
     for name in registry.list_models():
         if registry.bundled_path(name) is not None:
             return name, f"bundled zoo model {name} ({registry.get_entry(name).description})", True
+    example = HERE / "models" / "carl-cifar10-cpu-w8"
+    if (example / "config.json").is_file():
+        return str(example), EXAMPLE_DESCRIPTION, True
     import torch
 
     from carlzoo.model import ModelConfig, build_model
@@ -70,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             spec, desc, trained = pick_model(tmp)
             if not trained:
-                print("No trained weights are bundled with carlzoo yet (carlzoo/models/ is empty),")
+                print("No trained weights are available offline (carlzoo/models/ and")
+                print("examples/models/ are empty),")
                 print("so this demo uses a RANDOMLY INITIALISED CARL ResNet-18: the neighbours and")
                 print("groups below show the pipeline working, not what a trained model sees.\n")
         print(f"model:  {desc}")

@@ -192,6 +192,12 @@ def onnx_parity(model: CARLModel, onnx_path: str | Path, inputs: Tensor) -> dict
     }
 
 
+PARITY_TOL = {"float32": 1e-4, "float16": 1e-2}
+"""Parity limits by weight dtype. With float16 weights the exporter may fold BatchNorm into
+the convolutions before the weights are rounded, so ONNX and the float16-restored PyTorch
+model round different numbers (measured: 1.4e-3 of the output scale)."""
+
+
 def parity_failure(res: dict[str, float], tol: float = 1e-4) -> str | None:
     """Why an :func:`onnx_parity` result fails, or None when it passes.
 
@@ -215,7 +221,7 @@ def add_onnx(
 
     With ``check`` the export is compared with PyTorch on a few random inputs and refused
     (ValueError) when :func:`parity_failure` finds them apart, with ``tol`` 1e-4 for float32
-    and 5e-2 for float16 weights.
+    and 1e-2 for float16 weights (:data:`PARITY_TOL`).
     """
     from carlzoo.pretrained import ONNX_NAME, from_pretrained
 
@@ -230,7 +236,7 @@ def add_onnx(
             g = torch.Generator().manual_seed(0)
             x = torch.randn(4, 3, size, size, generator=g)
             res = onnx_parity(model, tmp, x)
-            failure = parity_failure(res, 1e-4 if dtype == "float32" else 5e-2)
+            failure = parity_failure(res, PARITY_TOL[dtype])
             if failure:
                 raise ValueError(f"ONNX export of {directory} differs from PyTorch: {failure}")
         tmp.replace(out)

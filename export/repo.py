@@ -16,7 +16,8 @@ behind, and an existing ``out_dir`` is replaced only with ``overwrite=True``.
 
 Checks before the rename: the folder is loaded back with ``from_pretrained`` and must give
 the checkpoint's outputs (float32: within 1e-6; float16: the rounding error is recorded),
-and the ONNX graph must match PyTorch within ``parity_tol`` (default 1e-4, scaled by the
+and the ONNX graph must match PyTorch within ``parity_tol`` (default 1e-4 for float32 and
+1e-2 for float16 weights, see ``carlzoo.export.onnx.PARITY_TOL``; scaled by the
 output magnitude when it exceeds 1; see :func:`check_parity`) on random inputs and on real
 images: a few test images of the run's dataset when it can be loaded, else images from
 ``examples/images`` when present.
@@ -354,7 +355,7 @@ def export_model(
     dtype: str = "float32",
     overwrite: bool = False,
     name: str | None = None,
-    parity_tol: float = 1e-4,
+    parity_tol: float | None = None,
     real_images: Sequence[str | Path] | None = None,
 ) -> ExportResult:
     """Export the run folder or checkpoint ``source`` to the model folder ``out_dir``.
@@ -481,7 +482,10 @@ def export_model(
                     f"{type(e).__name__}: {_one_line(e)[:300]}"
                 ) from None
             try:
-                parity = check_parity(reloaded, folder / "model.onnx", random_x, real, parity_tol)
+                from carlzoo.export.onnx import PARITY_TOL
+
+                tol = PARITY_TOL[dtype] if parity_tol is None else parity_tol
+                parity = check_parity(reloaded, folder / "model.onnx", random_x, real, tol)
             except ExportError:
                 raise
             except Exception as e:  # onnxruntime cannot run the file

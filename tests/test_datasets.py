@@ -566,3 +566,16 @@ def test_npz_with_encoded_images(tmp_path):
     )
     with pytest.raises(DatasetError, match="offsets"):
         load_split("npz", bad, "train")
+
+
+def test_named_dataset_from_an_npz_file(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    path = tmp_path / "c10.npz"
+    np.savez(path, x_train=x, y_train=np.arange(6) % 3, x_test=x[:2], y_test=np.arange(2))
+    train = load_split("cifar10", path, "train")
+    assert np.array_equal(train.images, x) and list(train.labels) == [0, 1, 2, 0, 1, 2]
+    assert np.array_equal(load_split("cifar10", path, "test").images, x[:2])
+    assert load_split("stl10", path, "pretrain").labels is None
+    with pytest.raises(DatasetError, match="missing.npz"):
+        load_split("cifar100", tmp_path / "missing.npz", "train")

@@ -76,7 +76,39 @@ class DeviceImageStore:
         return out.to(self.device, non_blocking=True)
 
 
-class DevicePipeline:
+class _Pipeline:
+    """What both pipelines share: sizes, seeds, this rank's share of the global batch."""
+
+    def __init__(
+        self,
+        n: int,
+        device: torch.device,
+        global_batch: int,
+        seed: int,
+        rank: int,
+        world: int,
+        channels_last: bool,
+    ) -> None:
+        if n < global_batch:
+            raise ValueError(
+                f"the training set has {n} images, fewer than one batch of {global_batch}; "
+                "lower optim.batch_size"
+            )
+        self.n, self.device, self.global_batch = n, device, global_batch
+        self.seed, self.rank, self.world = seed, rank, world
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch
+
+    def _generator(self, epoch: int, device: torch.device) -> torch.Generator:
+        """The augmentation RNG of this rank for ``epoch``."""
+        g = torch.Generator(device=device)
+        g.manual_seed(epoch_seed(self.seed, epoch, self.rank) + 1)
+        return g
+
+
+class DevicePipeline(_Pipeline):
     """Shuffle, batch and augment on the device; yields (view_a, view_b) float tensors."""
 
     def __init__(
@@ -93,26 +125,15 @@ class DevicePipeline:
         budget_bytes: float = 8e9,
         channels_last: bool = False,
     ) -> None:
+        super().__init__(len(images), device, global_batch, seed, rank, world, channels_last)
         self.store = DeviceImageStore(images, device, budget_bytes)
         self.augment = BatchAugment(cfg, size)
-        self.device = device
-        self.global_batch, self.seed, self.rank, self.world = global_batch, seed, rank, world
-        self.channels_last = channels_last
-        if len(self.store) < global_batch:
-            raise ValueError(
-                f"the training set has {len(self.store)} images, fewer than one "
-                f"batch of {global_batch}; lower optim.batch_size"
-            )
-
-    def __len__(self) -> int:
-        return len(self.store) // self.global_batch
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         perm_device = self.device if self.store.resident else torch.device("cpu")
-        perm = epoch_permutation(len(self.store), self.seed, epoch, perm_device)
-        g = torch.Generator(device=self.device)
-        g.manual_seed(epoch_seed(self.seed, epoch, self.rank) + 1)
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        perm = epoch_permutation(self.n, self.seed, epoch, perm_device)
+        g = self._generator(epoch, self.device)
+        fmt = self.memory_format
         for idx in rank_batches(perm, self.global_batch, self.rank, self.world):
             x = self.store.gather(idx)
             yield (
@@ -136,7 +157,7 @@ class TwoViewDataset(Dataset):
         return self.transform(img), self.transform(img)
 
 
-class DataLoaderPipeline:
+class DataLoaderPipeline(_Pipeline):
     """torch DataLoader + torchvision transforms in ``workers`` processes."""
 
     def __init__(
@@ -153,34 +174,21 @@ class DataLoaderPipeline:
         workers: int = 8,
         channels_last: bool = False,
     ) -> None:
+        super().__init__(len(images), device, global_batch, seed, rank, world, channels_last)
         self.dataset = TwoViewDataset(images, cfg, size)
-        self.device, self.seed, self.rank, self.world = device, seed, rank, world
-        self.global_batch = global_batch
-        self.channels_last = channels_last
         self.workers = workers
-        if len(self.dataset) < global_batch:
-            raise ValueError(
-                f"the training set has {len(self.dataset)} images, fewer than one "
-                f"batch of {global_batch}; lower optim.batch_size"
-            )
-
-    def __len__(self) -> int:
-        return len(self.dataset) // self.global_batch
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        perm = epoch_permutation(len(self.dataset), self.seed, epoch, torch.device("cpu"))
+        perm = epoch_permutation(self.n, self.seed, epoch, torch.device("cpu"))
         batches = rank_batches(perm, self.global_batch, self.rank, self.world)
-        g = torch.Generator()
-        g.manual_seed(epoch_seed(self.seed, epoch, self.rank) + 1)
         loader = DataLoader(
             self.dataset,
             batch_sampler=[b.tolist() for b in batches],
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            generator=g,
-            persistent_workers=False,
+            generator=self._generator(epoch, torch.device("cpu")),
         )
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        fmt = self.memory_format
         for xa, xb in loader:
             yield (
                 xa.to(self.device, non_blocking=True).contiguous(memory_format=fmt),

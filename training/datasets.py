@@ -121,6 +121,7 @@ def load_split(
     their files are missing (it is ignored for local formats). ``image_size`` is required for
     ``imagefolder`` and ``folder``; for the other datasets it defaults to the native size and any
     other value resizes the images (shorter side to ``image_size``, then a centre crop).
+    ``root`` may also be an ``.npz`` array file for any named dataset (see ``npz``).
     """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -131,11 +132,22 @@ def load_split(
     ):
         raise DatasetError(f"{name}: image_size must be a positive integer, got {image_size!r}")
     root = Path(root).expanduser()
-    loader = _LOADERS[name]
+    # A named dataset may also come as an array file (x_train, y_train, x_test, y_test, plain
+    # or encoded): e.g. `--dataset cifar10 --data-root cifar10.npz`. Runs then record the
+    # dataset's real name rather than "npz".
+    loader = (
+        _LOADERS["npz"]
+        if root.suffix == ".npz" and name not in _FOLDER_DATASETS
+        else (_LOADERS[name])
+    )
     data = loader(name, root, split, download, image_size)
+    if name == "stl10" and loader is _LOADERS["npz"] and split == "pretrain":
+        data = ImageArrays(data.images, None, data.classes)
     log.debug("%s/%s from %s: %d images of %s", name, split, root, len(data), data.images.shape)
     return data
 
+
+_FOLDER_DATASETS = ("imagefolder", "folder")
 
 # --------------------------------------------------------------------------------------------
 # Locating releases and downloading them
