@@ -48,8 +48,18 @@ def parse_args() -> argparse.Namespace:
         help=".npz with x_train (or the WebP-encoded variant); random uint8 images when omitted",
     )
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=15, help="untimed steps first")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per measurement (default 60; 4 with --cpu-smoke)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps first (default 15; 1 with --cpu-smoke)",
+    )
     p.add_argument("--workers", type=int, default=16, help="DataLoader workers for (3)")
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--prototypes", type=int, default=100)
@@ -121,7 +131,11 @@ def forever(pipeline) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 def main() -> None:
     args = parse_args()
     if args.cpu_smoke:
-        args.width, args.batch_size, args.steps, args.warmup, args.workers = 8, 32, 4, 1, 2
+        args.width, args.batch_size, args.workers = 8, 32, 2
+    if args.steps is None:
+        args.steps = 4 if args.cpu_smoke else 60
+    if args.warmup is None:
+        args.warmup = 1 if args.cpu_smoke else 15
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
