@@ -174,7 +174,7 @@ def _knn_monitor(
         std=cfg.augment.std,
         size=cfg.data.image_size,
         device=device,
-        channels_last=cfg.channels_last and device.type == "cuda",
+        channels_last=cfg.channels_last,
         amp=cfg.precision == "bf16",
     )
     f_train = extract_features(model, train_l.images, **kw)
@@ -256,7 +256,7 @@ def train(
         seed=cfg.seed,
         rank=rank,
         world=world,
-        channels_last=cfg.channels_last and device.type == "cuda",
+        channels_last=cfg.channels_last,
     )
     if cfg.data.pipeline == "device":
         data = DevicePipeline(
@@ -284,7 +284,7 @@ def train(
     # ---- model, loss, optimiser, schedules -------------------------------------------
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device)
-    if cfg.channels_last and device.type == "cuda":
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.sync_bn and world > 1:
         if device.type != "cuda":
