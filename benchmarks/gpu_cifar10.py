@@ -95,14 +95,19 @@ def join(out: Path) -> Path:
             metrics=rows[-1],
         ),
     )
-    eval_json = {
-        "protocol": "linear",
-        "dataset": "cifar10",
-        **final.get("linear", {}),
-        "knn": final.get("knn"),
-        "source": "benchmarks/gpu_cifar10.py",
-    }
-    (run / "eval.json").write_text(json.dumps(eval_json, indent=2))
+    # The evaluations in `carlzoo probe --out` form, so `carlzoo export` puts them on the card.
+    evaluations = [
+        {
+            "protocol": protocol,
+            "dataset": "cifar10",
+            "split": "test",
+            **final[key],
+            "command": final["command"],
+        }
+        for protocol, key in (("knn", "knn"), ("linear", "linear"), ("cluster", "clustering"))
+        if key in final
+    ]
+    (run / "eval.json").write_text(json.dumps(evaluations, indent=2))
     load_run(run)  # the weights match the config
     print(f"rebuilt {run} from {len(shards)} shard(s)")
     return run
@@ -185,7 +190,7 @@ def main() -> None:
         ),
         "torch": torch.__version__,
         "carlzoo": carlzoo.__version__,
-        "command": " ".join(sys.argv),
+        "command": "python " + " ".join(sys.argv),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     shards = shard_state(model.state_dict(), out)

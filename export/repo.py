@@ -232,6 +232,10 @@ def _results(
             f"carlzoo probe --model RUN_DIR --dataset {ds} --data-root DATA "
             f"--protocol {protocol} --out RUN_DIR/eval.json"
         )
+        if isinstance(ev.get("command"), str):  # measured by a script, not `carlzoo probe`
+            words = ev["command"].split()
+            script = next((w for w in words if w.endswith(".py")), words[0] if words else "")
+            source, cmd = f"`{script}` ({protocol})", ev["command"]
         for metric in _EVAL_METRICS:
             if _finite(ev.get(metric)):
                 out.append(Result(protocol, metric, ds, float(ev[metric]), "test", source, cmd))
