@@ -203,6 +203,19 @@ def test_eval_json_metrics_reach_config_and_model_index(run_dir: Path, tmp_path:
     assert re.search(r"kNN top-1 accuracy \| .* \| not measured", card)
 
 
+def test_card_credits_the_script_that_measured_a_result(run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    command = "python benchmarks/gpu_cifar10.py --data c10.npz --out OUT"
+    evals = [{"protocol": "knn", "dataset": "npz", "top1": 33.0, "command": command}]
+    (run / "eval.json").write_text(json.dumps(evals))
+    export_model(run, tmp_path / "m", onnx=False)
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "| 33.00% | `benchmarks/gpu_cifar10.py` (knn) |" in card
+    assert command in card
+    assert "--protocol knn --out RUN_DIR/eval.json" not in card
+
+
 def test_float16_export(run_dir: Path, tmp_path: Path) -> None:
     from safetensors import safe_open
 
