@@ -186,3 +186,9 @@ def test_optimizer_groups_exclude_norms_and_biases_from_decay():
 def test_lars_run_trains(tmp_path, tiny_npz):
     cfg = tiny_config(tiny_npz, "epochs=1", "knn_every=0", "optim.optimizer=lars")
     assert np.isfinite(train(cfg, tmp_path / "run", progress=False)["loss"])
+
+
+def test_describe_hardware_on_cpu():
+    from carlzoo.training.train import describe_hardware
+
+    assert describe_hardware(torch.device("cpu"), 2).startswith("2 x CPU (")

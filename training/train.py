@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -107,6 +109,15 @@ def unwrap(model: nn.Module) -> CARLModel:
             model = model._orig_mod
         else:
             return model  # type: ignore[return-value]
+
+
+def describe_hardware(device: torch.device, world: int) -> str:
+    """E.g. "1 x NVIDIA H100 80GB HBM3" or "1 x CPU (2 cores, x86_64)", for the model card."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    return f"{world} x {name}"
 
 
 def effective_prototypes(mean_p: Tensor) -> float:
@@ -330,6 +341,7 @@ def train(
         train_model = torch.compile(train_model)
 
     amp = cfg.precision == "bf16" and device.type == "cuda"
+    hardware = describe_hardware(device, world)
     k = cfg.model.num_prototypes
     metrics_path = out_dir / "metrics.jsonl"
     collapsed_epochs = 0
@@ -405,6 +417,7 @@ def train(
             "effective_prototypes": eff,
             "images_per_s": n_steps * cfg.optim.batch_size / epoch_time,
             "epoch_time_s": epoch_time,
+            "hardware": hardware,
         }
         final_epoch = epoch + 1 == cfg.epochs
         if (
