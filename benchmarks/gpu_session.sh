@@ -4,6 +4,7 @@
 #
 #   DATA=path/to/cifar10_webp90.npz bash benchmarks/gpu_session.sh
 #
+# STEP=throughput or STEP=train runs one half (each fits a 10-minute call; default: both).
 # Set EPOCHS to shorten the training run (default: the recipe's 200 epochs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,12 @@ cp -r export "$SITE/carlzoo/export"
 cp -r cli "$SITE/carlzoo/cli"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-timeout 240 python benchmarks/train_throughput.py --data "$DATA" --batch-size 512 \
-    --workers 16 --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt"
-timeout 560 python benchmarks/gpu_cifar10.py --data "$DATA" --out "$OUT" \
-    ${EPOCHS:+--epochs "$EPOCHS"} 2>&1 | tee "$OUT/train.log"
+STEP=${STEP:-all}
+if [ "$STEP" = all ] || [ "$STEP" = throughput ]; then
+    timeout 240 python3 benchmarks/train_throughput.py --data "$DATA" --batch-size 512 \
+        --workers 16 --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt"
+fi
+if [ "$STEP" = all ] || [ "$STEP" = train ]; then
+    timeout 560 python3 benchmarks/gpu_cifar10.py --data "$DATA" --out "$OUT" \
+        ${EPOCHS:+--epochs "$EPOCHS"} 2>&1 | tee "$OUT/train.log"
+fi
