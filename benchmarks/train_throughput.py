@@ -121,6 +121,23 @@ def measure(
     return res
 
 
+def check_no_host_sync(batches, step, device: torch.device, steps: int = 3) -> str:
+    """Run a few batches + steps with CUDA's sync debug mode set to raise on any host sync."""
+    if device.type != "cuda":
+        return "not checked (CUDA only)"
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(steps):
+            step(*next(batches))
+    except RuntimeError as e:
+        return f"FOUND: {str(e).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(device)
+    return f"none in {steps} steps (torch.cuda.set_sync_debug_mode('error'))"
+
+
 def forever(pipeline) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     epoch = 0
     while True:
@@ -201,7 +218,10 @@ def main() -> None:
     pipe = DevicePipeline(
         images, aug, args.size, device, args.batch_size, seed=0, channels_last=channels_last
     )
-    results["carlzoo"] = measure("carlzoo", forever(pipe), step, args, device)
+    batches = forever(pipe)
+    results["carlzoo"] = measure("carlzoo", batches, step, args, device)
+    sync_check = check_no_host_sync(batches, step, device)
+    print(f"  host syncs in the carlzoo batch + augmentation + step: {sync_check}")
 
     # (3) DataLoader + torchvision transforms.
     if not args.skip_loader:
@@ -230,6 +250,7 @@ def main() -> None:
                     "device": str(device),
                     "torch": torch.__version__,
                     "results": results,
+                    "host_sync_check": sync_check,
                 },
                 indent=2,
             )
