@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from carlzoo.registry import sha256_file
+
 __all__ = [
     "PushError",
     "PushResult",
@@ -60,14 +62,6 @@ def resolve_token(token: str | None = None) -> str | None:
     return get_token()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _git_blob_id(path: Path) -> str:
     h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     with open(path, "rb") as f:
@@ -83,7 +77,7 @@ def local_file_hashes(model_dir: str | Path) -> dict[str, str]:
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
         if path.is_file() and not any(part.startswith(".") for part in rel.split("/")):
-            out[rel] = _sha256(path)
+            out[rel] = sha256_file(path)
     return out
 
 

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from carlzoo.export.card import DATASET_TITLES, CardContext, Result, render_model_card
+from carlzoo.registry import sha256_file
 
 __all__ = [
     "ExportError",
@@ -334,12 +335,6 @@ def check_parity(
 # ---- export ------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    from carlzoo.registry import sha256_file
-
-    return sha256_file(path)
-
-
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
@@ -545,7 +540,7 @@ def export_model(
             carlzoo_version=__version__,
         )
         (folder / "README.md").write_text(render_model_card(ctx), encoding="utf-8")
-        hashes = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
+        hashes = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
         _replace_dir(folder, out_dir, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

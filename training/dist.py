@@ -22,6 +22,7 @@ __all__ = [
     "all_reduce_sum",
     "differentiable_all_reduce_sum",
     "init_from_env",
+    "resolve_device",
     "barrier",
     "destroy",
 ]
@@ -68,6 +69,29 @@ def differentiable_all_reduce_sum(x: Tensor) -> Tensor:
     from torch.distributed.nn.functional import all_reduce
 
     return all_reduce(x, op=dist.ReduceOp.SUM)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` / None: this process's CUDA device when there is one, else the CPU.
+
+    A bare ``"cuda"`` means this process's GPU (``LOCAL_RANK`` under torchrun).
+    """
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        return (
+            torch.device("cuda", local_rank())
+            if torch.cuda.is_available()
+            else (torch.device("cpu"))
+        )
+    resolved = torch.device(name)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={name!r} asked for, but CUDA is not available; use the CPU "
+            "(--set device=cpu when training, --device cpu elsewhere)"
+        )
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", local_rank())
+    return resolved
 
 
 def barrier() -> None:

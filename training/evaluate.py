@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from carlzoo.model import CARLModel
 from carlzoo.outputs import atomic_write
 from carlzoo.training.augment import AugmentConfig, BatchAugment
+from carlzoo.training.dist import resolve_device
 from carlzoo.training.features import extract_features, normalize_uint8
 from carlzoo.training.knn import knn_accuracy, topk_accuracy
 
@@ -143,16 +144,6 @@ def load_probe_model(spec: str | Path | ProbeModel) -> ProbeModel:
                       source="pretrained",
                       train_dataset=_pretrained_train_dataset(model.config),
                       info={"architecture": _jsonable(arch)})
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` / ``"auto"``: CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ProbeError(f"device {str(device)!r} asked for, but CUDA is not available")
-    return dev
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -556,17 +547,6 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _resize_uint8(images: np.ndarray, size: int, chunk: int = 1024) -> np.ndarray:
-    """(N, H, W, 3) uint8 -> (N, size, size, 3) uint8, bilinear with antialiasing."""
-    out = np.empty((images.shape[0], size, size, 3), dtype=np.uint8)
-    for s in range(0, images.shape[0], chunk):
-        x = torch.from_numpy(images[s:s + chunk]).permute(0, 3, 1, 2).float()
-        y = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False)
-        out[s:s + chunk] = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return out
-
-
 def _load_labelled(dataset: str, root: str | Path, split: str, *, download: bool,
                    image_size: int | None) -> Any:
     from carlzoo.training.datasets import load_split
@@ -578,15 +558,13 @@ def _load_labelled(dataset: str, root: str | Path, split: str, *, download: bool
     return data
 
 
-def _check_size(pm: ProbeModel, dataset: str, data: Any, resize: bool) -> np.ndarray:
+def _check_size(pm: ProbeModel, dataset: str, data: Any) -> np.ndarray:
     h, w = data.images.shape[1:3]
     if (h, w) == (pm.input_size, pm.input_size):
         return data.images
-    if not resize:
-        raise ProbeError(f"model {pm.name} expects {pm.input_size} px inputs but {dataset} "
-                         f"images are {h}x{w} px; pass --resize (resize=True) to resize them "
-                         f"to {pm.input_size} px")
-    return _resize_uint8(data.images, pm.input_size)
+    raise ProbeError(f"model {pm.name} expects {pm.input_size} px inputs but {dataset} "
+                     f"images are {h}x{w} px; pass --resize (resize=True) to resize them "
+                     f"to {pm.input_size} px")
 
 
 def run_probe(model: str | Path | ProbeModel, dataset: str, data_root: str | Path,
@@ -602,15 +580,16 @@ def run_probe(model: str | Path | ProbeModel, dataset: str, data_root: str | Pat
     t0 = time.perf_counter()
     dev = resolve_device(device)
     pm = load_probe_model(model)
-    folder = dataset in ("imagefolder", "folder")
-    size_arg = pm.input_size if folder else None
+    # The dataset readers resize (shorter side, then a centre crop) when given a size; folders
+    # of images always need one.
+    size_arg = pm.input_size if resize or dataset in ("imagefolder", "folder") else None
     test = _load_labelled(dataset, data_root, "test", download=download, image_size=size_arg)
-    test_x = _check_size(pm, dataset, test, resize)
+    test_x = _check_size(pm, dataset, test)
     train = None
     if protocol != "cluster":
         train = _load_labelled(dataset, data_root, "train", download=download,
                                image_size=size_arg)
-    train_x = _check_size(pm, dataset, train, resize) if train is not None else None
+    train_x = _check_size(pm, dataset, train) if train is not None else None
     n_classes = max(int(test.labels.max()) + 1,
                     int(train.labels.max()) + 1 if train is not None else 0,
                     len(test.classes) if test.classes else 0)

@@ -27,6 +27,7 @@ from carlzoo.training.checkpoint import Checkpoint, load_checkpoint, save_checkp
 from carlzoo.training.config import TrainConfig, config_to_dict, save_config
 from carlzoo.training.data import DataLoaderPipeline, DevicePipeline
 from carlzoo.training.datasets import ImageArrays, load_split
+from carlzoo.training.dist import resolve_device
 from carlzoo.training.features import extract_features
 from carlzoo.training.knn import knn_accuracy
 from carlzoo.training.loss import CARLLoss, LossTerms, kl_weight
@@ -46,21 +47,6 @@ log = logging.getLogger("carlzoo.train")
 
 class CollapseError(RuntimeError):
     """Training stopped because the prototype assignment collapsed."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist.local_rank())
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device={name!r} asked for, but CUDA is not available; use --set device=cpu"
-        )
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist.local_rank())
-    return device
 
 
 def cosine_schedule(
@@ -153,16 +139,22 @@ def training_step(
 def _load_data(cfg: TrainConfig) -> tuple[ImageArrays, ImageArrays | None, ImageArrays | None]:
     d = cfg.data
     size = d.image_size if d.dataset in ("imagefolder", "folder") else None
-    pretrain = load_split(d.dataset, d.root, "pretrain", download=d.download, image_size=size)
+    full = load_split(d.dataset, d.root, "pretrain", download=d.download, image_size=size)
+    pretrain = full
     if d.subset:
         pretrain = ImageArrays(
-            pretrain.images[: d.subset],
-            None if pretrain.labels is None else pretrain.labels[: d.subset],
-            pretrain.classes,
+            full.images[: d.subset],
+            None if full.labels is None else full.labels[: d.subset],
+            full.classes,
         )
     train_l = test = None
     if cfg.knn_every and d.dataset != "folder":
-        train_l = load_split(d.dataset, d.root, "train", image_size=size)
+        # A labelled pre-training pool is the train split itself (every dataset but STL-10,
+        # whose pool adds the unlabeled images): reuse it rather than read it twice.
+        if full.labels is not None:
+            train_l = full
+        else:
+            train_l = load_split(d.dataset, d.root, "train", image_size=size)
         test = load_split(d.dataset, d.root, "test", image_size=size)
         if train_l.labels is None or test.labels is None:
             train_l = test = None
