@@ -94,6 +94,23 @@ def test_resume_continues_with_the_same_losses(tmp_path, tiny_npz):
     torch.testing.assert_close(wa, wb)
 
 
+def test_on_epoch_end_sees_each_epoch_and_can_end_the_run(tmp_path, tiny_npz):
+    seen = []
+
+    def stop_at_two(record, model):
+        seen.append((record["epoch"], model.model_config.width))
+        return record["epoch"] == 2
+
+    cfg = tiny_config(tiny_npz, "epochs=4", "knn_every=0")
+    last = train(cfg, tmp_path / "run", progress=False, on_epoch_end=stop_at_two)
+    assert seen == [(1, 4), (2, 4)]
+    assert last["epoch"] == 2 and [r["epoch"] for r in read_metrics(tmp_path / "run")] == [1, 2]
+    # The run ended cleanly at epoch 2 of 4: --resume continues it on the 4-epoch schedule.
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors").epoch == 2
+    last = train(cfg, tmp_path / "run", progress=False, resume=True)
+    assert last["epoch"] == 4
+
+
 def test_existing_run_is_not_overwritten_without_resume(tmp_path, tiny_npz):
     cfg = tiny_config(tiny_npz, "epochs=1", "knn_every=0")
     train(cfg, tmp_path / "run", progress=False)

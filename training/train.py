@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,12 +217,16 @@ def train(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    on_epoch_end: Callable[[dict[str, Any], CARLModel], bool | None] | None = None,
 ) -> dict[str, Any]:
     """Train CARL as ``cfg`` says, writing config, metrics and checkpoints to ``out_dir``.
 
     ``stop_after`` ends the run after that many epochs in this call (a time-boxed job);
     the schedules still follow ``cfg.epochs``, so ``--resume`` continues it exactly.
-    Returns the last epoch's metrics.
+    ``on_epoch_end(record, model)`` is called on every process after each epoch's
+    checkpoint and metrics line are written, with that line (kNN fields on rank 0 only)
+    and the unwrapped model; a true return value on any process ends the run there, in
+    the same way. Returns the last epoch's metrics.
     """
     out_dir = Path(out_dir)
     # ---- distributed and device -------------------------------------------------------
@@ -463,4 +468,10 @@ def train(
         last = record
         if collapsed_epochs >= cfg.collapse_patience:
             raise CollapseError(_collapse_message(eff, cfg, collapsed_epochs))
+        if on_epoch_end is not None:
+            stop = torch.tensor(float(bool(on_epoch_end(record, unwrap(model)))), device=device)
+            if float(dist.all_reduce_sum(stop)) > 0:
+                if main:
+                    log.info("stopped after epoch %d by on_epoch_end", epoch + 1)
+                break
     return last
