@@ -1,7 +1,8 @@
 """Train carl-cifar10 on one GPU in one run, evaluate it, and write small files to carry off.
 
     python benchmarks/gpu_cifar10.py --data cifar10_webp90.npz --out OUT \
-        [--config training/configs/cifar10_fast.yaml] [--epochs 200] [--set key=value ...]
+        [--config training/configs/cifar10_fast.yaml] [--epochs 200] [--set key=value ...] \
+        [--time-limit 540]
 
 Reads a CIFAR-10 ``.npz`` (plain ``x_train``/``x_test`` arrays or the WebP-encoded variant
 with ``train_bytes``/``train_off``), trains with the recipe, then measures kNN (k=200, T=0.1)
@@ -13,14 +14,27 @@ metrics of the prototype assignments. Everything it writes to OUT is under 16 Mi
     OUT/config.yaml            the resolved training config
     OUT/weights-0000K-of-0000N.safetensors   float16 model weights in shards (BN stats fp32)
 
+The run is built for machines lent for a fixed time. metrics.jsonl is updated after every
+epoch and the weight shards every ``--save-every`` epochs, so a run killed from outside
+still leaves its latest state behind. With ``--time-limit`` the script ends training early
+when the next epoch and the evaluation would not fit in the time left, evaluates what it
+has, and says so in metrics.json (``epochs`` against ``epochs_planned``, ``stopped_early``).
+
 Back on any machine, ``--join OUT`` rebuilds OUT/run/ (config.yaml, metrics.jsonl,
-checkpoints/last.safetensors with float32 weights), which ``carlzoo export`` takes.
+checkpoints/last.safetensors with float32 weights, eval.json), which ``carlzoo export``
+takes. ``--join OUT --lossless cifar10.npz`` also measures kNN, linear and clustering again
+on the lossless test split there, which then become the model's CIFAR-10 results:
+
+    python benchmarks/gpu_cifar10.py --out OUT --join --lossless cifar10.npz
+    carlzoo export OUT/run --out carlzoo/models/carl-cifar10 --dtype float16
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import platform
 import shutil
 import sys
@@ -60,16 +74,66 @@ def shard_state(state: dict[str, torch.Tensor], out: Path) -> list[Path]:
     paths = []
     for i, shard in enumerate(shards):
         path = out / f"weights-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path))
+        tmp = path.with_name(f"tmp-{path.name}")
+        save_file(shard, str(tmp))
+        os.replace(tmp, path)  # a run killed mid-write keeps the previous shard
         paths.append(path)
     return paths
 
 
-def join(out: Path) -> Path:
-    """Rebuild a run folder that ``carlzoo export`` accepts from OUT's small files."""
+class EpochWatch:
+    """``train(on_epoch_end=...)``: copies the log out, saves shards, ends the run in time.
+
+    Training stops after an epoch when ``elapsed + next epoch + reserve`` would pass
+    ``limit`` seconds since ``t_start``. The next epoch is estimated as the slowest of the
+    last five (epochs with a kNN evaluation included), so the estimate errs long.
+    """
+
+    def __init__(
+        self, out: Path, run: Path, t_start: float, limit: float, reserve: float, save_every: int
+    ) -> None:
+        self.out, self.run = out, run
+        self.t_start, self.limit, self.reserve = t_start, limit, reserve
+        self.save_every = save_every
+        self.t_prev = time.perf_counter()
+        self.walls: list[float] = []
+        self.stopped_early: str | None = None
+
+    def __call__(self, record: dict, model: torch.nn.Module) -> bool:
+        now = time.perf_counter()
+        self.walls.append(now - self.t_prev)
+        self.t_prev = now
+        shutil.copy(self.run / "metrics.jsonl", self.out / "metrics.jsonl")
+        if not (self.out / "config.yaml").exists():
+            shutil.copy(self.run / "config.yaml", self.out / "config.yaml")
+        epoch = record["epoch"]
+        if self.save_every and epoch % self.save_every == 0:
+            shard_state(model.state_dict(), self.out)
+        elapsed = now - self.t_start
+        next_epoch = max(self.walls[-5:])
+        if elapsed + next_epoch + self.reserve > self.limit:
+            self.stopped_early = (
+                f"time limit: {elapsed:.0f} s elapsed after epoch {epoch}, next epoch "
+                f"~{next_epoch:.1f} s + {self.reserve:.0f} s for evaluation > {self.limit:.0f} s"
+            )
+            print(f"stopping early ({self.stopped_early})", flush=True)
+            return True
+        return False
+
+
+def join(out: Path, lossless: Path | None = None) -> Path:
+    """Rebuild a run folder that ``carlzoo export`` accepts from OUT's small files.
+
+    With ``lossless`` (the lossless CIFAR-10 ``.npz``), kNN, linear and clustering are
+    measured again on its test split on this machine; those become the ``cifar10`` results
+    and the run's own results are kept under the name of the copy it used (e.g.
+    ``cifar10_webp90``).
+    """
     shards = sorted(out.glob("weights-*-of-*.safetensors"))
     if not shards:
         sys.exit(f"{out} holds no weights-*-of-*.safetensors shards")
+    if not (out / "metrics.json").is_file():
+        sys.exit(f"{out} holds no metrics.json: the run did not reach its evaluation")
     state: dict[str, torch.Tensor] = {}
     for s in shards:
         state.update(
@@ -83,23 +147,31 @@ def join(out: Path) -> Path:
     run = out / "run"
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "config.yaml", run / "config.yaml")
-    shutil.copy(out / "metrics.jsonl", run / "metrics.jsonl")
     final = json.loads((out / "metrics.json").read_text())
+    # The run's log up to the epoch the shards hold (a stopped run's log ends there too).
+    last = next(r for r in reversed(rows) if r["epoch"] == final["epochs"])
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows if r["epoch"] <= final["epochs"])
+    )
     save_checkpoint(
         run / "checkpoints" / "last.safetensors",
         Checkpoint(
             model=state,
-            epoch=rows[-1]["epoch"],
-            step=rows[-1]["step"],
+            epoch=last["epoch"],
+            step=last["step"],
             config=config_to_dict(cfg),
-            metrics=rows[-1],
+            metrics=last,
         ),
     )
+    load_run(run)  # the weights match the config
     # The evaluations in `carlzoo probe --out` form, so `carlzoo export` puts them on the card.
+    run_dataset = "cifar10"
+    if lossless is not None:
+        run_dataset = Path(final.get("data_file") or "cifar10_lossy.npz").stem
     evaluations = [
         {
             "protocol": protocol,
-            "dataset": "cifar10",
+            "dataset": run_dataset,
             "split": "test",
             **final[key],
             "command": final["command"],
@@ -107,8 +179,23 @@ def join(out: Path) -> Path:
         for protocol, key in (("knn", "knn"), ("linear", "linear"), ("cluster", "clustering"))
         if key in final
     ]
+    if lossless is not None:
+        from carlzoo.training.evaluate import run_probe
+
+        command = "python " + " ".join(sys.argv)
+        measured: list[dict] = []
+        with tempfile.TemporaryDirectory() as cache:
+            for protocol in ("knn", "linear", "cluster"):
+                t0 = time.perf_counter()
+                res = run_probe(run, "cifar10", lossless, protocol, cache_dir=cache)
+                res["command"] = command
+                measured.append(res)
+                top1 = res.get("top1", res.get("acc"))
+                print(
+                    f"{protocol} on {lossless.name}: {top1:.2f}% ({time.perf_counter() - t0:.0f} s)"
+                )
+        evaluations = measured + evaluations
     (run / "eval.json").write_text(json.dumps(evaluations, indent=2))
-    load_run(run)  # the weights match the config
     print(f"rebuilt {run} from {len(shards)} shard(s)")
     return run
 
@@ -120,16 +207,32 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "training/configs/cifar10_fast.yaml"))
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=0.0,
+        help="seconds for the whole script (0: none); training ends early to fit",
+    )
+    p.add_argument(
+        "--eval-reserve", type=float, default=60.0, help="seconds kept for evaluation and files"
+    )
+    p.add_argument("--save-every", type=int, default=25, help="epochs between weight shards")
     p.add_argument("--join", action="store_true", help="rebuild OUT/run from OUT's shards")
+    p.add_argument(
+        "--lossless", help="with --join: evaluate again on this lossless CIFAR-10 .npz (CPU)"
+    )
     args = p.parse_args()
     out = Path(args.out)
     if args.join:
-        join(out)
+        join(out, Path(args.lossless) if args.lossless else None)
         return
     if not args.data:
         p.error("--data is required unless --join")
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+    )
 
     overrides = [f"data.root={Path(args.data).resolve()}", "data.dataset=cifar10", *args.overrides]
     if args.epochs is not None:
@@ -144,8 +247,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
+        limit = args.time_limit or float("inf")
+        watch = EpochWatch(out, run, t_start, limit, args.eval_reserve, args.save_every)
         t0 = time.perf_counter()
-        train(cfg, run, progress=False)
+        train(cfg, run, progress=False, on_epoch_end=watch)
         train_time = time.perf_counter() - t0
         shutil.copy(run / "metrics.jsonl", out / "metrics.jsonl")
         shutil.copy(run / "config.yaml", out / "config.yaml")
@@ -173,8 +278,11 @@ def main() -> None:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     metrics = {
         "dataset": f"cifar10 ({Path(args.data).name})",
+        "data_file": Path(args.data).name,
         "split": "test",
         "epochs": rows[-1]["epoch"],
+        "epochs_planned": cfg.epochs,
+        "stopped_early": watch.stopped_early,
         "knn": knn,
         "linear": linear,
         "clustering": clusters,
@@ -191,6 +299,7 @@ def main() -> None:
         "torch": torch.__version__,
         "carlzoo": carlzoo.__version__,
         "command": "python " + " ".join(sys.argv),
+        "time_limit_s": args.time_limit or None,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     shards = shard_state(model.state_dict(), out)

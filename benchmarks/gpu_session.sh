@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# One GPU session: the throughput figures (train_throughput.py) and the carl-cifar10 run
-# (gpu_cifar10.py), writing what comes back to $OUT (default ./gpu-out).
+# One GPU session: the carl-cifar10 run (gpu_cifar10.py) or the throughput figures
+# (train_throughput.py), writing what comes back to $OUT (default ./gpu-out).
 #
 #   DATA=path/to/cifar10_webp90.npz bash benchmarks/gpu_session.sh
 #
-# STEP=throughput or STEP=train runs one half (each fits a 10-minute call; default: both).
-# Set EPOCHS to shorten the training run (default: the recipe's 200 epochs).
+# STEP=train (default) trains, evaluates and writes metrics + weight shards: 6 files.
+# STEP=throughput measures model-only vs carlzoo vs DataLoader at batch 512: 2 files.
+# Each step fits one 10-minute call. TIME_LIMIT (default 540 s) bounds the training script:
+# it ends training early, evaluates and says so when the recipe would not fit. EPOCHS
+# shortens the schedule itself (default: the recipe's 200 epochs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 DATA=${DATA:?set DATA to a CIFAR-10 .npz}
+STEP=${STEP:-train}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # The installed layout (carlzoo, carlzoo.training, ...) without pip: a copy on PYTHONPATH.
@@ -19,13 +23,28 @@ cp -r training "$SITE/carlzoo/training"
 cp -r export "$SITE/carlzoo/export"
 cp -r cli "$SITE/carlzoo/cli"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-STEP=${STEP:-all}
-if [ "$STEP" = all ] || [ "$STEP" = throughput ]; then
-    timeout 240 python3 benchmarks/train_throughput.py --data "$DATA" --batch-size 512 \
-        --workers 16 --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.txt"
-fi
-if [ "$STEP" = all ] || [ "$STEP" = train ]; then
-    timeout 560 python3 benchmarks/gpu_cifar10.py --data "$DATA" --out "$OUT" \
-        ${EPOCHS:+--epochs "$EPOCHS"} 2>&1 | tee "$OUT/train.log"
-fi
+case "$STEP" in
+    train)
+        {
+            nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+            timeout 590 python3 benchmarks/gpu_cifar10.py --data "$DATA" --out "$OUT" \
+                --time-limit "${TIME_LIMIT:-540}" ${EPOCHS:+--epochs "$EPOCHS"}
+        } 2>&1 | tee "$OUT/train.log"
+        ;;
+    throughput)
+        {
+            nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+            timeout 300 python3 benchmarks/train_throughput.py --data "$DATA" --batch-size 512 \
+                --workers 16 --json "$OUT/throughput.json"
+        } 2>&1 | tee "$OUT/throughput.txt"
+        ;;
+    *)
+        echo "STEP=$STEP: expected train or throughput" >&2
+        exit 2
+        ;;
+esac
+# What comes back from a lent machine: at most 8 files of at most 16 MiB each.
+n=$(find "$OUT" -type f | wc -l)
+big=$(find "$OUT" -type f -size +16M | wc -l)
+echo "$OUT: $n files, $big over 16 MiB"
+[ "$n" -le 8 ] && [ "$big" -eq 0 ]

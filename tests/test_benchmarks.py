@@ -28,3 +28,76 @@ def test_train_throughput_cpu_smoke(tmp_path):
     figures = json.loads(out.read_text())["results"]
     assert set(figures) == {"model", "carlzoo", "loader"}
     assert all(v["images_per_s"] > 0 for v in figures.values())
+
+
+def _run_script(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+
+
+def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_path):
+    import numpy as np
+    import torch
+
+    from carlzoo.export.repo import export_model
+    from carlzoo.training.run import load_run
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (192, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, 192)
+    data = tmp_path / "c10.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[:64], y_test=y[:64])
+    out = tmp_path / "out"
+    script = str(ROOT / "benchmarks" / "gpu_cifar10.py")
+    # A time limit that has passed by the end of epoch 1: the run must stop there, evaluate
+    # what it has and say so, with the same files a full run leaves.
+    result = _run_script(
+        script, "--data", str(data), "--out", str(out), "--epochs", "4",
+        "--set", "model.width=4", "--set", "optim.batch_size=64", "--set", "device=cpu",
+        "--time-limit", "0.001", "--eval-reserve", "0",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stopping early (time limit" in result.stdout
+    assert "epoch 1/4 loss" in result.stdout  # the per-epoch log reaches stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["epochs_planned"] == 4
+    assert metrics["stopped_early"].startswith("time limit")
+    assert 0 <= metrics["knn"]["top1"] <= 100 and 0 <= metrics["linear"]["top1"] <= 100
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "config.yaml", "metrics.json", "metrics.jsonl", "weights-00001-of-00001.safetensors"
+    ]  # fmt: skip
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+    result = _run_script(script, "--out", str(out), "--join")
+    assert result.returncode == 0, result.stderr[-2000:]
+    model, cfg, ckpt = load_run(out / "run")
+    assert cfg.model.width == 4 and cfg.epochs == 4 and ckpt.epoch == 1
+    # float16 shards, restored to float32: within half precision of each other.
+    from safetensors.torch import load_file
+
+    shard = load_file(str(out / "weights-00001-of-00001.safetensors"))
+    w = model.state_dict()["backbone.conv1.weight"]
+    assert shard["backbone.conv1.weight"].dtype == torch.float16 and w.dtype == torch.float32
+    torch.testing.assert_close(w, shard["backbone.conv1.weight"].float())
+
+    export_model(out / "run", tmp_path / "model", onnx=False)
+    exported = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert exported["metrics"]["knn_top1"] == metrics["knn"]["top1"]
+    assert exported["provenance"]["epochs"] == 1 and exported["provenance"]["epochs_planned"] == 4
+
+    # --lossless measures again on another copy: those become the cifar10 results, and the
+    # run's own stay under the name of the file it was trained and evaluated on.
+    lossless = tmp_path / "lossless.npz"
+    np.savez(lossless, x_train=x, y_train=y, x_test=x[64:128], y_test=y[64:128])
+    result = _run_script(script, "--out", str(out), "--join", "--lossless", str(lossless))
+    assert result.returncode == 0, result.stderr[-2000:]
+    evals = json.loads((out / "run" / "eval.json").read_text())
+    assert [(e["protocol"], e["dataset"]) for e in evals] == [
+        ("knn", "cifar10"), ("linear", "cifar10"), ("cluster", "cifar10"),
+        ("knn", "c10"), ("linear", "c10"), ("cluster", "c10"),
+    ]  # fmt: skip
+    assert evals[3]["top1"] == metrics["knn"]["top1"]
+    assert "--lossless" in evals[0]["command"] and evals[0]["settings"]["k"] == 200
+    assert exported["provenance"]["epochs"] == 1 and exported["provenance"]["epochs_planned"] == 4
