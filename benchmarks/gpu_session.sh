@@ -6,6 +6,8 @@
 #
 # STEP=train (default) trains, evaluates and writes metrics + weight shards: 6 files.
 # STEP=throughput measures model-only vs carlzoo vs DataLoader at batch 512: 2 files.
+# STEP=sweep compares recipe variants for EPOCHS epochs each: 2 files, e.g.
+#   STEP=sweep EPOCHS=40 VARIANTS="base lr0.3:optim.lr=0.3 k300:model.num_prototypes=300"
 # Each step fits one 10-minute call. TIME_LIMIT (default 540 s) bounds the training script:
 # it ends training early, evaluates and says so when the recipe would not fit. EPOCHS
 # shortens the schedule itself (default: the recipe's 200 epochs).
@@ -38,8 +40,19 @@ case "$STEP" in
                 --workers 16 --json "$OUT/throughput.json"
         } 2>&1 | tee "$OUT/throughput.txt"
         ;;
+    sweep)
+        args=()
+        for v in ${VARIANTS:?set VARIANTS to NAME[:key=value,...] words}; do
+            args+=(--variant "$v")
+        done
+        {
+            nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+            timeout 590 python3 benchmarks/gpu_sweep.py --data "$DATA" --out "$OUT" \
+                --time-limit "${TIME_LIMIT:-540}" --epochs "${EPOCHS:?set EPOCHS}" "${args[@]}"
+        } 2>&1 | tee "$OUT/sweep.log"
+        ;;
     *)
-        echo "STEP=$STEP: expected train or throughput" >&2
+        echo "STEP=$STEP: expected train, throughput or sweep" >&2
         exit 2
         ;;
 esac

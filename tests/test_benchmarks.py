@@ -101,3 +101,55 @@ def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_
     assert evals[3]["top1"] == metrics["knn"]["top1"]
     assert "--lossless" in evals[0]["command"] and evals[0]["settings"]["k"] == 200
     assert exported["provenance"]["epochs"] == 1 and exported["provenance"]["epochs_planned"] == 4
+
+
+def test_gpu_sweep_compares_variants_records_collapse_and_keeps_to_its_time(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 10, 256)
+    data = tmp_path / "c10.npz"
+    np.savez(data, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32])
+    script = str(ROOT / "benchmarks" / "gpu_sweep.py")
+    common = [
+        script, "--data", str(data), "--epochs", "3", "--knn-every", "1",
+        "--set", "model.width=4", "--set", "optim.batch_size=64", "--set", "device=cpu",
+    ]  # fmt: skip
+    # Without the uniform prior, at lr 5, every image lands on one prototype by epoch 3.
+    collapse = "nokl:loss.kl_start=0,loss.kl_end=0,optim.lr=5,collapse_patience=1"
+    result = _run_script(
+        *common, "--out", str(tmp_path / "a"), "--variant", "base",
+        "--variant", "k30:model.num_prototypes=30", "--variant", collapse,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    sweep = json.loads((tmp_path / "a" / "sweep.json").read_text())
+    base, k30, nokl = sweep["variants"]
+    assert [v["name"] for v in sweep["variants"]] == ["base", "k30", "nokl"]
+    assert base["changes"] == [] and k30["changes"] == ["model.num_prototypes=30"]
+    assert base["epochs"] == 3 and [e for e, _ in base["knn_curve"]] == [1, 2, 3]
+    assert base["stopped_early"] is None and 1 <= k30["prototypes_used"] <= 30
+    assert nokl["error"] == "collapsed" and "collapse_floor" in nokl["message"]
+    assert "| k30 | `model.num_prototypes=30` | 3/3 |" in result.stdout
+    assert "| nokl |" in result.stdout and "failed: collapsed" in result.stdout
+
+    result = _run_script(
+        *common, "--out", str(tmp_path / "b"), "--variant", "base", "--time-limit", "0.001"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "b" / "sweep.json").read_text())["variants"]
+    assert row["epochs"] == 1 and row["epochs_planned"] == 3
+    assert row["stopped_early"].startswith("time share") and row["knn_epoch"] == 1
+
+
+def test_gpu_sweep_rejects_bad_variants_before_training(tmp_path):
+    script = str(ROOT / "benchmarks" / "gpu_sweep.py")
+    args = [script, "--data", "missing.npz", "--out", str(tmp_path), "--epochs", "1"]
+    result = _run_script(*args, "--variant", "a:model.nope=1")
+    assert result.returncode == 2 and "--variant a:" in result.stderr
+    assert "model.nope" in result.stderr
+    result = _run_script(*args, "--variant", "a b")
+    assert result.returncode == 2 and "NAME[:key=value,...]" in result.stderr
+    result = _run_script(*args, "--variant", "a", "--variant", "a:optim.lr=1")
+    assert result.returncode == 2 and "must differ" in result.stderr
+    assert not (tmp_path / "sweep.json").exists()

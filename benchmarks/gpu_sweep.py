@@ -1,0 +1,201 @@
+"""Compare recipe variants on one GPU in one time-boxed run: the kNN each reaches in E epochs.
+
+    python benchmarks/gpu_sweep.py --data cifar10_webp90.npz --out OUT --epochs 40 \
+        --variant base --variant lr0.3:optim.lr=0.3 \
+        --variant k300:model.num_prototypes=300,model.proj_hidden_dim=2048 \
+        [--config training/configs/cifar10_fast.yaml] [--time-limit 540]
+
+Each ``--variant NAME[:key=value,key=value]`` trains the recipe with those changes for
+``--epochs`` epochs (its own full schedule: warm-up, cosine lr and the KL weight follow E),
+with the kNN monitor (k=200, T=0.1, the whole training split as the bank) every
+``--knn-every`` epochs and at the end. The time left is shared out evenly over the variants
+still to run; a variant that would overrun its share stops early and is marked so (its
+schedule is then unfinished: compare it with care).
+
+OUT/sweep.json is rewritten after every variant (one row each: changes, epochs done, final
+and best kNN, the kNN curve, prototypes in use, images/s, seconds), and a Markdown table for
+``benchmarks/RESULTS.md`` is printed at the end. No weights are kept: a sweep chooses a
+recipe, ``gpu_cifar10.py`` then trains the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import carlzoo
+from carlzoo.training.config import load_config
+from carlzoo.training.train import CollapseError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_variant(spec: str) -> tuple[str, list[str]]:
+    """``NAME[:key=value,key=value]`` -> (NAME, ["key=value", ...])."""
+    name, _, changes = spec.partition(":")
+    if not name or not all(c.isalnum() or c in "._-" for c in name):
+        raise argparse.ArgumentTypeError(
+            f"--variant {spec!r}: expected NAME[:key=value,...] with a name of letters, "
+            "digits, '.', '_' or '-'"
+        )
+    overrides = [c.strip() for c in changes.split(",") if c.strip()] if changes else []
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise argparse.ArgumentTypeError(f"--variant {spec!r}: {bad[0]!r} is not key=value")
+    return name, overrides
+
+
+class Budget:
+    """``on_epoch_end``: stop when the slowest recent epoch would pass the variant's share."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.t0 = self.t_prev = time.perf_counter()
+        self.walls: list[float] = []
+        self.stopped_early: str | None = None
+
+    def __call__(self, record: dict[str, Any], model: torch.nn.Module) -> bool:
+        now = time.perf_counter()
+        self.walls.append(now - self.t_prev)
+        self.t_prev = now
+        used, nxt = now - self.t0, max(self.walls[-5:])
+        if used + nxt > self.seconds:
+            self.stopped_early = (
+                f"time share: {used:.0f} s after epoch {record['epoch']}, next epoch "
+                f"~{nxt:.1f} s > {self.seconds:.0f} s"
+            )
+            return True
+        return False
+
+
+def run_variant(
+    name: str, changes: list[str], args: argparse.Namespace, seconds: float
+) -> dict[str, Any]:
+    base = [
+        f"data.root={Path(args.data).resolve()}",
+        "data.dataset=cifar10",
+        f"epochs={args.epochs}",
+        f"knn_every={args.knn_every}",
+        "checkpoint_every=0",
+    ]
+    cfg = load_config(args.config, [*base, *args.overrides, *changes])
+    budget = Budget(seconds)
+    with tempfile.TemporaryDirectory() as tmp:
+        train(cfg, Path(tmp) / "run", progress=False, on_epoch_end=budget)
+        rows = [
+            json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
+    curve = [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r]
+    last = rows[-1]
+    return {
+        "name": name,
+        "changes": changes,
+        "epochs": last["epoch"],
+        "epochs_planned": cfg.epochs,
+        "knn_top1": curve[-1][1] if curve else None,
+        "knn_epoch": curve[-1][0] if curve else None,
+        "best_knn_top1": max(v for _, v in curve) if curve else None,
+        "knn_curve": curve,
+        "prototypes_used": last["prototypes_used"],
+        "effective_prototypes": last["effective_prototypes"],
+        "final_loss": last["loss"],
+        "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
+        "seconds": time.perf_counter() - budget.t0,
+        "stopped_early": budget.stopped_early,
+    }
+
+
+def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    lines = [
+        f"Sweep: {header['epochs']} epochs per variant on top of `{header['config']}`"
+        + (f" with {', '.join(header['overrides'])}" if header["overrides"] else "")
+        + f"; {header['hardware']}; data {header['data']}.",
+        "",
+        "| variant | changes | epochs | kNN top-1 (final) | best kNN | prototypes used | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        knn = "-" if r.get("knn_top1") is None else f"{r['knn_top1']:.2f}"
+        best = "-" if r.get("best_knn_top1") is None else f"{r['best_knn_top1']:.2f}"
+        if r.get("error"):
+            knn, best = f"failed: {r['error']}", "-"
+        epochs = f"{r.get('epochs', 0)}/{r.get('epochs_planned', header['epochs'])}"
+        changes = ", ".join(f"`{c}`" for c in r["changes"]) or "(recipe)"
+        lines.append(
+            f"| {r['name']} | {changes} | {epochs} | {knn} | {best} | "
+            f"{r.get('prototypes_used', '-')} | {r.get('seconds', 0):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f"tmp-{path.name}")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, help="CIFAR-10 .npz (plain or WebP-encoded)")
+    p.add_argument("--out", required=True, help="output folder (sweep.json)")
+    p.add_argument("--config", default=str(ROOT / "training/configs/cifar10_fast.yaml"))
+    p.add_argument("--epochs", type=int, required=True, help="epochs per variant")
+    p.add_argument("--knn-every", type=int, default=10)
+    p.add_argument("--variant", dest="variants", type=parse_variant, action="append", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="for every variant")
+    p.add_argument("--time-limit", type=float, default=0.0, help="seconds in all (0: none)")
+    args = p.parse_args()
+    names = [n for n, _ in args.variants]
+    if len(set(names)) != len(names):
+        p.error(f"--variant names must differ, got {names}")
+    for name, changes in args.variants:  # every variant's config is valid before any runs
+        try:
+            load_config(args.config, [*args.overrides, *changes])
+        except ValueError as e:
+            p.error(f"--variant {name}: {e}")
+    t_start = time.perf_counter()
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    header = {
+        "config": os.path.relpath(args.config, ROOT),
+        "overrides": args.overrides,
+        "epochs": args.epochs,
+        "data": Path(args.data).name,
+        "hardware": torch.cuda.get_device_name() if cuda else "CPU",
+        "torch": torch.__version__,
+        "carlzoo": carlzoo.__version__,
+        "command": "python " + " ".join(sys.argv),
+    }
+    rows: list[dict[str, Any]] = []
+    for i, (name, changes) in enumerate(args.variants):
+        left = (args.time_limit - (time.perf_counter() - t_start)) if args.time_limit else None
+        share = left / (len(args.variants) - i) if left is not None else float("inf")
+        print(
+            f"== variant {name} ({', '.join(changes) or 'the recipe'}), {share:.0f} s", flush=True
+        )
+        try:
+            row = run_variant(name, changes, args, share)
+        except (CollapseError, FloatingPointError) as e:  # a collapse or NaN is a result too
+            kind = "collapsed" if isinstance(e, CollapseError) else "loss not finite"
+            row = {"name": name, "changes": changes, "error": kind, "message": str(e)}
+        rows.append(row)
+        write_json(out / "sweep.json", {**header, "variants": rows})
+        print(json.dumps({k: v for k, v in row.items() if k != "knn_curve"}), flush=True)
+    print(markdown(rows, header))
+
+
+if __name__ == "__main__":
+    main()
