@@ -447,3 +447,29 @@ def test_push_to_a_branch_mirrors_the_folder(exported, local_hub: LocalHub, tmp_
     assert f"commit {dev_sha}" in result.output
     snippet = result.output[result.output.index("ZooEntry(") :]
     assert eval(snippet, {"ZooEntry": registry.ZooEntry}).revision == dev_sha
+
+
+def test_export_into_the_bundled_folder_prints_the_registry_pins(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+    import re
+
+    from carlzoo import registry
+
+    monkeypatch.setattr(registry, "BUNDLED_DIR", tmp_path / "models")
+    out = tmp_path / "models" / "carl-cifar10"
+    out.parent.mkdir()
+    result = _cli(export, [str(run_dir), "--out", str(out), "--no-onnx"])
+    assert result.exit_code == 0, result.output
+    assert "carlzoo.load('carl-cifar10') loads it once" in result.output
+    pins = dict(re.findall(r'^\s+"([^"]+)": "([0-9a-f]{64})",$', result.output, re.M))
+    assert set(pins) == {p.name for p in out.iterdir()}
+    # Pasted into the entry, the pins let the bundled copy through its sha256 check.
+    entry = dataclasses.replace(registry.get_entry("carl-cifar10"), files=pins)
+    registry.verify_files(entry, out, sorted(pins), source="bundled folder")
+    # Exported anywhere else, or under a name the zoo does not have: no pins.
+    (tmp_path / "elsewhere").mkdir()
+    for other in (tmp_path / "elsewhere" / "carl-cifar10", tmp_path / "models" / "mine"):
+        result = _cli(export, [str(run_dir), "--out", str(other), "--no-onnx"])
+        assert result.exit_code == 0 and "registry.py pins" not in result.output
