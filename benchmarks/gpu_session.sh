@@ -10,7 +10,8 @@
 #   STEP=sweep EPOCHS=40 VARIANTS="base lr0.3:optim.lr=0.3 k300:model.num_prototypes=300"
 # Each step fits one 10-minute call. TIME_LIMIT (default 540 s) bounds the training script:
 # it ends training early, evaluates and says so when the recipe would not fit. EPOCHS
-# shortens the schedule itself (default: the recipe's 200 epochs).
+# shortens the schedule itself (default: the recipe's 200 epochs). SETS="key=value ..." changes
+# the recipe (train and sweep), e.g. SETS="optim.lr=0.3 model.num_prototypes=300".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -25,12 +26,16 @@ cp -r training "$SITE/carlzoo/training"
 cp -r export "$SITE/carlzoo/export"
 cp -r cli "$SITE/carlzoo/cli"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+sets=()
+for kv in ${SETS:-}; do
+    sets+=(--set "$kv")
+done
 case "$STEP" in
     train)
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
             timeout 590 python3 benchmarks/gpu_cifar10.py --data "$DATA" --out "$OUT" \
-                --time-limit "${TIME_LIMIT:-540}" ${EPOCHS:+--epochs "$EPOCHS"}
+                --time-limit "${TIME_LIMIT:-540}" ${EPOCHS:+--epochs "$EPOCHS"} "${sets[@]}"
         } 2>&1 | tee "$OUT/train.log"
         ;;
     throughput)
@@ -48,7 +53,8 @@ case "$STEP" in
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
             timeout 590 python3 benchmarks/gpu_sweep.py --data "$DATA" --out "$OUT" \
-                --time-limit "${TIME_LIMIT:-540}" --epochs "${EPOCHS:?set EPOCHS}" "${args[@]}"
+                --time-limit "${TIME_LIMIT:-540}" --epochs "${EPOCHS:?set EPOCHS}" \
+                "${args[@]}" "${sets[@]}"
         } 2>&1 | tee "$OUT/sweep.log"
         ;;
     *)

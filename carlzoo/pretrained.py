@@ -16,16 +16,22 @@ through huggingface_hub and every file is sha256-checked), a local folder, or
 ``hf-hub:org/repo[@revision]`` (downloaded, not hash-pinned).
 
 With ``backend="onnx"`` the folder must hold ``model.onnx``; when it does not, the error
-says how to add one (``python -m carlzoo.export.onnx FOLDER``): nothing is exported behind
-the user's back, so the ONNX model that runs is always one that was written and checked.
+says how to add one (``python -m carlzoo.export.onnx FOLDER``). One exception: a zoo model
+bundled without ``model.onnx`` (the package ships float16 safetensors only, to stay small)
+gets it exported from its sha256-checked weights on first use, checked against PyTorch, and
+kept in the carlzoo cache (``$CARLZOO_CACHE``, else ``$XDG_CACHE_HOME/carlzoo``, else
+``~/.cache/carlzoo``) under the weights' hash.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +64,7 @@ __all__ = [
     "from_pretrained",
     "read_config",
     "load",
+    "cache_root",
     "atomic_write",
 ]
 
@@ -636,6 +643,10 @@ def _load_zoo(
             f"revision use 'hf-hub:{entry.repo_id}@{revision}' (not hash-checked)"
         )
     if bundled is not None:
+        if backend == "onnx" and not (bundled / ONNX_NAME).is_file():
+            weights = [CONFIG_NAME, WEIGHTS_NAME]
+            registry.verify_files(entry, bundled, weights, source="bundled folder")
+            return from_pretrained(_bundled_onnx(entry, bundled), device, backend)
         registry.verify_files(entry, bundled, needed, source="bundled folder")
         return from_pretrained(bundled, device, backend)
     if entry.status != "published" or entry.revision is None:
@@ -652,6 +663,62 @@ def _load_zoo(
     )
     registry.verify_files(entry, folder, needed, source=f"Hub download {label}")
     return from_pretrained(folder, device, backend)
+
+
+def cache_root() -> Path:
+    """carlzoo's own cache: ``$CARLZOO_CACHE``, else ``$XDG_CACHE_HOME/carlzoo``, else
+    ``~/.cache/carlzoo`` (Hub downloads stay in the Hugging Face cache)."""
+    if os.environ.get("CARLZOO_CACHE"):
+        return Path(os.environ["CARLZOO_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "carlzoo"
+
+
+def _bundled_onnx(entry: registry.ZooEntry, bundled: Path) -> Path:
+    """A folder with config.json and model.onnx exported from ``bundled``'s checked weights.
+
+    Kept in ``cache_root()/onnx/<name>-<sha256 of the weights>`` and written once: the export
+    is compared with PyTorch (``carlzoo.export.onnx.add_onnx``) in a temporary folder that is
+    renamed into place only when it passes.
+    """
+    folder = cache_root() / "onnx" / f"{entry.name}-{entry.files[WEIGHTS_NAME][:16]}"
+    if (folder / CONFIG_NAME).is_file() and (folder / ONNX_NAME).is_file():
+        return folder
+    from carlzoo.export.onnx import add_onnx
+
+    dtype = read_config(bundled).provenance.get("weights_dtype", "float32")
+    log = logging.getLogger("carlzoo")
+    log.warning(
+        "%s: model.onnx is not bundled; exporting it from model.safetensors into %s (once)",
+        entry.name,
+        folder,
+    )
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    except OSError as e:
+        raise ZooError(
+            f"{entry.name}: cannot create the ONNX cache folder {folder.parent} ({_one_line(e)});"
+            " set CARLZOO_CACHE to a writable folder or use backend='torch'"
+        ) from None
+    try:
+        shutil.copyfile(bundled / CONFIG_NAME, tmp / CONFIG_NAME)
+        shutil.copyfile(bundled / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
+        add_onnx(tmp, dtype=dtype if dtype in ("float32", "float16") else "float32")
+        (tmp / WEIGHTS_NAME).unlink()
+        if folder.exists():  # an unfinished folder of an older version: replace it
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except Exception as e:
+        if (folder / ONNX_NAME).is_file():  # another process finished first
+            return folder
+        raise ZooError(
+            f"{entry.name}: model.onnx is not bundled and exporting it from model.safetensors "
+            f"failed ({_one_line(e)}); use backend='torch'"
+        ) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def load(

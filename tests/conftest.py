@@ -1,5 +1,7 @@
 """Shared test set-up: the Hugging Face client points at a local Hub server, never the network.
 
+carlzoo's own cache (``CARLZOO_CACHE``) is a temporary folder too.
+
 huggingface_hub reads ``HF_ENDPOINT``, ``HF_HUB_DISABLE_XET``, ``HF_HUB_OFFLINE`` and ``HF_HOME``
 when it is imported, so they are set here, at import time, before any test module (or carlzoo)
 can import it. The session fixture ``local_hub`` starts :class:`hubserver.LocalHub` on the
@@ -26,6 +28,8 @@ HUB_PORT = pick_free_port()
 HUB_ENDPOINT = f"http://127.0.0.1:{HUB_PORT}"
 HF_HOME = tempfile.mkdtemp(prefix="carlzoo-test-hf-home-")
 atexit.register(shutil.rmtree, HF_HOME, ignore_errors=True)
+CARLZOO_CACHE = tempfile.mkdtemp(prefix="carlzoo-test-cache-")  # ONNX exported on first use
+atexit.register(shutil.rmtree, CARLZOO_CACHE, ignore_errors=True)
 
 # Anything that would send the client elsewhere, use a real token or a shared cache goes.
 for _var in (
@@ -51,6 +55,7 @@ os.environ.update(
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",
         "HF_HUB_DISABLE_UPDATE_CHECK": "1",
+        "CARLZOO_CACHE": CARLZOO_CACHE,
     }
 )
 

@@ -485,8 +485,65 @@ def test_bundled_folder_without_pinned_hashes_is_refused(
     _pin(monkeypatch, "carl-stl10", {"config.json": "0" * 64, "model.safetensors": "1" * 64})
     with pytest.raises(ZooError, match="sha256 mismatch for config.json"):
         carlzoo.load("carl-stl10")
-    with pytest.raises(ZooError, match="model.onnx is missing from the bundled folder"):
+    # backend="onnx" without a bundled model.onnx checks the weights it would export from.
+    with pytest.raises(ZooError, match="sha256 mismatch for config.json"):
         carlzoo.load("carl-stl10", backend="onnx")
+
+
+def test_bundled_model_without_onnx_gets_it_exported_once_into_the_cache(
+    model: CARLModel, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import carlzoo.export.onnx as onnx_mod
+    from carlzoo.pretrained import OnnxCARL, cache_root
+
+    bundle = _bundle(folder, tmp_path / "models", "carl-cifar10")
+    monkeypatch.setattr(registry, "BUNDLED_DIR", tmp_path / "models")
+    monkeypatch.setenv("CARLZOO_CACHE", str(tmp_path / "cache"))
+    assert cache_root() == tmp_path / "cache"
+    hashes = {f: sha256_file(bundle / f) for f in ("config.json", "model.safetensors")}
+    _pin(monkeypatch, "carl-cifar10", hashes)
+
+    m = carlzoo.load("carl-cifar10", backend="onnx")
+    assert isinstance(m, OnnxCARL)
+    cached = tmp_path / "cache" / "onnx" / f"carl-cifar10-{hashes['model.safetensors'][:16]}"
+    assert m.onnx_path == cached / "model.onnx"
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]  # no temp left
+    assert sorted(p.name for p in cached.iterdir()) == ["config.json", "model.onnx"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors"]
+    x = torch.randn(3, 3, SIZE, SIZE)
+    torch.testing.assert_close(m.embed(x), carlzoo.load("carl-cifar10").embed(x), atol=1e-4,
+                               rtol=1e-4)
+
+    # Later loads reuse the cached export; exporting again would fail here.
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exported twice")
+
+    monkeypatch.setattr(onnx_mod, "add_onnx", no_export)
+    assert carlzoo.load("carl-cifar10", backend="onnx").onnx_path == cached / "model.onnx"
+
+
+def test_failed_onnx_export_of_a_bundled_model_is_one_line_and_leaves_nothing(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import carlzoo.export.onnx as onnx_mod
+
+    bundle = _bundle(folder, tmp_path / "models", "carl-cifar10")
+    monkeypatch.setattr(registry, "BUNDLED_DIR", tmp_path / "models")
+    monkeypatch.setenv("CARLZOO_CACHE", str(tmp_path / "cache"))
+    _pin(monkeypatch, "carl-cifar10",
+         {f: sha256_file(bundle / f) for f in ("config.json", "model.safetensors")})
+
+    def broken(directory: Path, **kwargs: object) -> None:
+        (Path(directory) / "model.onnx").write_bytes(b"half")
+        raise ValueError("ONNX export differs from PyTorch:\nmax abs diff 3")
+
+    monkeypatch.setattr(onnx_mod, "add_onnx", broken)
+    with pytest.raises(ZooError) as info:
+        carlzoo.load("carl-cifar10", backend="onnx")
+    msg = str(info.value)
+    assert "\n" not in msg and "model.onnx is not bundled" in msg
+    assert "differs from PyTorch" in msg and "use backend='torch'" in msg
+    assert list((tmp_path / "cache" / "onnx").iterdir()) == []
 
 
 def test_load_spec_errors(folder: Path) -> None:
