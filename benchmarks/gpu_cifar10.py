@@ -90,9 +90,16 @@ class EpochWatch:
     """
 
     def __init__(
-        self, out: Path, run: Path, t_start: float, limit: float, reserve: float, save_every: int
+        self,
+        out: Path,
+        run: Path,
+        t_start: float,
+        limit: float,
+        reserve: float,
+        save_every: int,
+        epochs: int,
     ) -> None:
-        self.out, self.run = out, run
+        self.out, self.run, self.epochs = out, run, epochs
         self.t_start, self.limit, self.reserve = t_start, limit, reserve
         self.save_every = save_every
         self.t_prev = time.perf_counter()
@@ -111,6 +118,14 @@ class EpochWatch:
             shard_state(model.state_dict(), self.out)
         elapsed = now - self.t_start
         next_epoch = max(self.walls[-5:])
+        if epoch == 5:
+            per_epoch = sum(self.walls[1:]) / 4  # epoch 1 pays for warm-up
+            total = elapsed + per_epoch * (self.epochs - epoch)
+            print(
+                f"epochs 2-5: {per_epoch:.2f} s each; {self.epochs} epochs end at ~{total:.0f} s "
+                f"(limit {self.limit:.0f} s, {self.reserve:.0f} s of it kept for evaluation)",
+                flush=True,
+            )
         if elapsed + next_epoch + self.reserve > self.limit:
             self.stopped_early = (
                 f"time limit: {elapsed:.0f} s elapsed after epoch {epoch}, next epoch "
@@ -214,7 +229,7 @@ def main() -> None:
         help="seconds for the whole script (0: none); training ends early to fit",
     )
     p.add_argument(
-        "--eval-reserve", type=float, default=60.0, help="seconds kept for evaluation and files"
+        "--eval-reserve", type=float, default=45.0, help="seconds kept for evaluation and files"
     )
     p.add_argument("--save-every", type=int, default=25, help="epochs between weight shards")
     p.add_argument("--join", action="store_true", help="rebuild OUT/run from OUT's shards")
@@ -248,7 +263,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         limit = args.time_limit or float("inf")
-        watch = EpochWatch(out, run, t_start, limit, args.eval_reserve, args.save_every)
+        watch = EpochWatch(out, run, t_start, limit, args.eval_reserve, args.save_every, cfg.epochs)
         t0 = time.perf_counter()
         train(cfg, run, progress=False, on_epoch_end=watch)
         train_time = time.perf_counter() - t0

@@ -8,7 +8,7 @@
 # STEP=throughput measures model-only vs carlzoo vs DataLoader at batch 512: 2 files.
 # STEP=sweep compares recipe variants for EPOCHS epochs each: 2 files, e.g.
 #   STEP=sweep EPOCHS=40 VARIANTS="base lr0.3:optim.lr=0.3 k300:model.num_prototypes=300"
-# Each step fits one 10-minute call. TIME_LIMIT (default 540 s) bounds the training script:
+# Each step fits one 10-minute call. TIME_LIMIT (default 560 s) bounds the training script:
 # it ends training early, evaluates and says so when the recipe would not fit. EPOCHS
 # shortens the schedule itself (default: the recipe's 200 epochs). SETS="key=value ..." changes
 # the recipe (train and sweep), e.g. SETS="optim.lr=0.3 model.num_prototypes=300".
@@ -34,8 +34,8 @@ case "$STEP" in
     train)
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-            timeout 590 python3 benchmarks/gpu_cifar10.py --data "$DATA" --out "$OUT" \
-                --time-limit "${TIME_LIMIT:-540}" ${EPOCHS:+--epochs "$EPOCHS"} "${sets[@]}"
+            timeout 595 python3 benchmarks/gpu_cifar10.py --data "$DATA" --out "$OUT" \
+                --time-limit "${TIME_LIMIT:-560}" ${EPOCHS:+--epochs "$EPOCHS"} "${sets[@]}"
         } 2>&1 | tee "$OUT/train.log"
         ;;
     throughput)

@@ -111,6 +111,38 @@ def test_on_epoch_end_sees_each_epoch_and_can_end_the_run(tmp_path, tiny_npz):
     assert last["epoch"] == 4
 
 
+class Killed(Exception):
+    pass
+
+
+def test_a_run_killed_between_saves_resumes_with_one_line_per_epoch(tmp_path, tiny_npz):
+    cfg = tiny_config(tiny_npz, "epochs=4", "knn_every=0", "save_every=2", "checkpoint_every=0")
+    full, run = tmp_path / "full", tmp_path / "run"
+    train(cfg, full, progress=False)
+    assert load_checkpoint(full / "checkpoints" / "last.safetensors").epoch == 4
+
+    def kill_in_epoch_3(record, model):
+        if record["epoch"] == 3:  # its metrics line is written, its checkpoint is not
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write('{"epoch": 4, "lo')  # and a line cut short
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, run, progress=False, on_epoch_end=kill_in_epoch_3)
+    assert load_checkpoint(run / "checkpoints" / "last.safetensors").epoch == 2
+    train(cfg, run, progress=False, resume=True)
+    a, b = read_metrics(full), read_metrics(run)
+    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-6, abs=1e-7)
+    torch.testing.assert_close(
+        load_checkpoint(full / "checkpoints" / "last.safetensors").model,
+        load_checkpoint(run / "checkpoints" / "last.safetensors").model,
+    )
+    with pytest.raises(ValueError, match="save_every must be >= 1"):
+        tiny_config(tiny_npz, "save_every=0")
+
+
 def test_existing_run_is_not_overwritten_without_resume(tmp_path, tiny_npz):
     cfg = tiny_config(tiny_npz, "epochs=1", "knn_every=0")
     train(cfg, tmp_path / "run", progress=False)

@@ -88,6 +88,7 @@ class TrainConfig:
     compile: bool = False
     sync_bn: bool = False  # SyncBatchNorm under torchrun
     checkpoint_every: int = 50  # keep epoch-N checkpoints every N epochs (0: only `last`)
+    save_every: int = 1  # epochs between writes of checkpoints/last (the run's end always)
     log_every: int = 50  # steps between progress-bar metric reductions
     knn_every: int = 10  # epochs between kNN monitor evaluations (0: off)
     knn_k: int = 200
@@ -95,6 +96,10 @@ class TrainConfig:
     knn_max_train: int = 50000  # cap on the kNN memory bank size
     collapse_floor: float = 2.0  # effective number of prototypes below which we are collapsed
     collapse_patience: int = 3  # collapsed epochs in a row before training stops
+
+    def __post_init__(self) -> None:
+        if self.save_every < 1:
+            raise ValueError(f"save_every must be >= 1, got {self.save_every}")
 
 
 _DATACLASSES = (ModelConfig, DataConfig, AugmentConfig, OptimConfig, LossConfig, TrainConfig)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from carlzoo.model import CARLModel, build_model
+from carlzoo.outputs import atomic_write
 from carlzoo.training import dist
 from carlzoo.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from carlzoo.training.config import TrainConfig, config_to_dict, save_config
@@ -194,6 +195,22 @@ def _knn_monitor(
     return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
 
 
+def _truncate_metrics(path: Path, last_epoch: int) -> None:
+    """Drop the lines of epochs after ``last_epoch`` (logged, then lost with the process)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["epoch"] <= last_epoch:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            continue
+    if len(kept) != len(lines):
+        atomic_write(path, lambda p: p.write_text("".join(x + "\n" for x in kept)))
+
+
 def _rng_state(device: torch.device) -> dict[str, Tensor]:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -223,10 +240,10 @@ def train(
 
     ``stop_after`` ends the run after that many epochs in this call (a time-boxed job);
     the schedules still follow ``cfg.epochs``, so ``--resume`` continues it exactly.
-    ``on_epoch_end(record, model)`` is called on every process after each epoch's
-    checkpoint and metrics line are written, with that line (kNN fields on rank 0 only)
-    and the unwrapped model; a true return value on any process ends the run there, in
-    the same way. Returns the last epoch's metrics.
+    ``on_epoch_end(record, model)`` is called on every process after each epoch's metrics
+    line is written, with that line (kNN fields on rank 0 only) and the unwrapped model; a
+    true return value on any process ends the run there on every process, with the epoch's
+    checkpoint written. Returns the last epoch's metrics.
     """
     out_dir = Path(out_dir)
     # ---- distributed and device -------------------------------------------------------
@@ -325,6 +342,7 @@ def train(
         if "cuda" in ckpt.rng and device.type == "cuda":
             torch.cuda.set_rng_state(ckpt.rng["cuda"], device)
         if main:
+            _truncate_metrics(out_dir / "metrics.jsonl", start_epoch)
             log.info("resumed from %s at epoch %d, step %d", last_path, start_epoch, step)
     elif resume and main:
         log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
@@ -432,20 +450,8 @@ def train(
         collapsed_epochs = collapsed_epochs + 1 if eff < cfg.collapse_floor else 0
         record["collapsed_epochs"] = collapsed_epochs
 
-        # ---- checkpoint and log (rank 0) ---------------------------------------------
+        # ---- log, callback, checkpoint (rank 0 writes) ----------------------------------
         if main:
-            ckpt = Checkpoint(
-                model=unwrap(model).state_dict(),
-                optimizer=optimizer.state_dict(),
-                epoch=epoch + 1,
-                step=step,
-                config=config_to_dict(cfg),
-                metrics=record,
-                rng=_rng_state(device),
-            )
-            save_checkpoint(last_path, ckpt)
-            if cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0:
-                save_checkpoint(ckpt_dir / f"epoch_{epoch + 1:04d}.safetensors", ckpt)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             knn = f", kNN {record['knn_top1']:.2f}%" if "knn_top1" in record else ""
@@ -464,14 +470,32 @@ def train(
                 record["images_per_s"],
                 knn,
             )
+        stop = False
+        if on_epoch_end is not None:
+            flag = torch.tensor(float(bool(on_epoch_end(record, unwrap(model)))), device=device)
+            stop = float(dist.all_reduce_sum(flag)) > 0
+        save_last = stop or epoch + 1 == end_epoch or (epoch + 1) % cfg.save_every == 0
+        keep = cfg.checkpoint_every and (epoch + 1) % cfg.checkpoint_every == 0
+        if main and (save_last or keep):
+            ckpt = Checkpoint(
+                model=unwrap(model).state_dict(),
+                optimizer=optimizer.state_dict(),
+                epoch=epoch + 1,
+                step=step,
+                config=config_to_dict(cfg),
+                metrics=record,
+                rng=_rng_state(device),
+            )
+            if save_last:
+                save_checkpoint(last_path, ckpt)
+            if keep:
+                save_checkpoint(ckpt_dir / f"epoch_{epoch + 1:04d}.safetensors", ckpt)
         dist.barrier()
         last = record
         if collapsed_epochs >= cfg.collapse_patience:
             raise CollapseError(_collapse_message(eff, cfg, collapsed_epochs))
-        if on_epoch_end is not None:
-            stop = torch.tensor(float(bool(on_epoch_end(record, unwrap(model)))), device=device)
-            if float(dist.all_reduce_sum(stop)) > 0:
-                if main:
-                    log.info("stopped after epoch %d by on_epoch_end", epoch + 1)
-                break
+        if stop:
+            if main:
+                log.info("stopped after epoch %d by on_epoch_end", epoch + 1)
+            break
     return last
