@@ -81,6 +81,29 @@ def shard_state(state: dict[str, torch.Tensor], out: Path) -> list[Path]:
     return paths
 
 
+def portable_command(argv: list[str]) -> str:
+    """The command line as recorded in results: file names instead of this machine's paths."""
+    words = ["python", f"benchmarks/{Path(argv[0]).name}"]
+    names = {"--data": lambda p: p.name, "--lossless": lambda p: p.name, "--out": lambda p: "OUT"}
+    i = 1
+    while i < len(argv):
+        arg, value = argv[i], argv[i + 1] if i + 1 < len(argv) else None
+        flag, eq, inline = arg.partition("=")
+        if flag in names and (eq or value is not None):
+            words.append(f"{flag} {names[flag](Path(inline if eq else value))}")
+            i += 1 if eq else 2
+            continue
+        if flag == "--config" and (eq or value is not None):
+            path = Path(inline if eq else value).resolve()
+            shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+            words.append(f"--config {shown}")
+            i += 1 if eq else 2
+            continue
+        words.append(arg)
+        i += 1
+    return " ".join(words)
+
+
 class EpochWatch:
     """``train(on_epoch_end=...)``: copies the log out, saves shards, ends the run in time.
 
@@ -197,7 +220,7 @@ def join(out: Path, lossless: Path | None = None) -> Path:
     if lossless is not None:
         from carlzoo.training.evaluate import run_probe
 
-        command = "python " + " ".join(sys.argv)
+        command = portable_command(sys.argv)
         measured: list[dict] = []
         with tempfile.TemporaryDirectory() as cache:
             for protocol in ("knn", "linear", "cluster"):
@@ -313,7 +336,7 @@ def main() -> None:
         ),
         "torch": torch.__version__,
         "carlzoo": carlzoo.__version__,
-        "command": "python " + " ".join(sys.argv),
+        "command": portable_command(sys.argv),
         "time_limit_s": args.time_limit or None,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))

@@ -36,6 +36,9 @@ import carlzoo
 from carlzoo.training.config import load_config
 from carlzoo.training.train import CollapseError, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_cifar10 import portable_command  # noqa: E402  (a script beside this one)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -177,7 +180,7 @@ def main() -> None:
         "hardware": torch.cuda.get_device_name() if cuda else "CPU",
         "torch": torch.__version__,
         "carlzoo": carlzoo.__version__,
-        "command": "python " + " ".join(sys.argv),
+        "command": portable_command(sys.argv),
     }
     rows: list[dict[str, Any]] = []
     for i, (name, changes) in enumerate(args.variants):

@@ -278,8 +278,9 @@ def _training_section(ctx: CardContext) -> str:
     opt = optim.get("optimizer", "sgd").upper()
     warm = optim.get("warmup_epochs") or 0
     lines = [
-        f"- **Data:** {ctx.dataset_title} (`{ctx.dataset}`), training images at "
-        f"{data.get('image_size')} px, no labels used.",
+        f"- **Data:** {ctx.dataset_title} (`{ctx.dataset}`)"
+        + (f" read from `{data['root']}`" if str(data.get("root", "")).endswith(".npz") else "")
+        + f", training images at {data.get('image_size')} px, no labels used.",
         f"- **Recipe:** {recipe}. The full resolved configuration is `training_config.json`.",
         f"- **Epochs:** {epochs}; {ctx.steps} optimiser steps of batch {optim.get('batch_size')}.",
         f"- **Optimiser:** {opt}, lr {_fmt(optim.get('lr'))} at batch {optim.get('batch_size')}, "

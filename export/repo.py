@@ -181,16 +181,26 @@ def read_evaluations(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def detect_recipe(cfg: Any) -> tuple[str | None, dict[str, Any]]:
-    """(``training/configs/<preset>.yaml``, changed keys) when the run's dataset has a preset."""
-    from carlzoo.training.config import PRESETS, config_to_dict, load_config
+    """(``training/configs/<recipe>.yaml``, changed keys): of the recipes for the run's dataset
+    (``cifar10.yaml``, ``cifar10_fast.yaml``, ...), the one the run changes least."""
+    from carlzoo.training.config import PRESETS, config_to_dict, load_config, preset_path
 
     dataset = cfg.data.dataset
     if dataset not in PRESETS:
         return None, {}
-    base = _flatten(config_to_dict(load_config(dataset)))
     ours = _flatten(config_to_dict(cfg))
-    changes = {k: v for k, v in ours.items() if base.get(k) != v and k not in _IGNORED_RECIPE_KEYS}
-    return f"training/configs/{dataset}.yaml", changes
+    best: tuple[str, dict[str, Any]] | None = None
+    for path in sorted(preset_path(dataset).parent.glob(f"{dataset}*.yaml")):
+        recipe = load_config(path)
+        if recipe.data.dataset != dataset:  # cifar100.yaml next to cifar10.yaml
+            continue
+        base = _flatten(config_to_dict(recipe))
+        changes = {
+            k: v for k, v in ours.items() if base.get(k) != v and k not in _IGNORED_RECIPE_KEYS
+        }
+        if best is None or len(changes) < len(best[1]):
+            best = (f"training/configs/{path.name}", changes)
+    return best if best is not None else (None, {})
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -203,11 +213,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _train_command(recipe: str | None, changes: dict[str, Any], dataset: str) -> str:
+def _train_command(recipe: str | None, changes: dict[str, Any]) -> str:
     if recipe is None:  # training_config.json is JSON, hence YAML: it is a complete recipe
         return "carlzoo train --config training_config.json --data-root DATA --out RUN_DIR"
     sets = " ".join(f"--set {k}={_cli_value(v)}" for k, v in changes.items())
-    return f"carlzoo train --config {dataset} --data-root DATA --out RUN_DIR {sets}".rstrip()
+    preset = Path(recipe).stem
+    return f"carlzoo train --config {preset} --data-root DATA --out RUN_DIR {sets}".rstrip()
 
 
 def _cli_value(v: Any) -> str:
@@ -391,7 +402,7 @@ def export_model(
     records = read_run_records(run_dir, ckpt.epoch, ckpt.metrics)
     evaluations = read_evaluations(run_dir)
     recipe, changes = detect_recipe(cfg)
-    command = _train_command(recipe, changes, cfg.data.dataset)
+    command = _train_command(recipe, changes)
     results = _results(cfg, records, evaluations, command)
     dataset = cfg.data.dataset
     metrics = {

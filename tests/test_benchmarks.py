@@ -63,6 +63,10 @@ def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 1 and metrics["epochs_planned"] == 4
     assert metrics["stopped_early"].startswith("time limit")
+    # Recorded commands name files, not this machine's folders.
+    command = "python benchmarks/gpu_cifar10.py --data c10.npz --out OUT"
+    assert metrics["command"].startswith(command)
+    assert str(tmp_path) not in json.dumps(metrics)
     assert 0 <= metrics["knn"]["top1"] <= 100 and 0 <= metrics["linear"]["top1"] <= 100
     names = sorted(p.name for p in out.iterdir())
     assert names == [
