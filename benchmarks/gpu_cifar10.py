@@ -104,59 +104,66 @@ def portable_command(argv: list[str]) -> str:
     return " ".join(words)
 
 
-class EpochWatch:
-    """``train(on_epoch_end=...)``: copies the log out, saves shards, ends the run in time.
+class TimeGuard:
+    """Says when a run must end after an epoch to stay within ``limit`` seconds from ``t0``.
 
-    Training stops after an epoch when ``elapsed + next epoch + reserve`` would pass
-    ``limit`` seconds since ``t_start``. The next epoch is estimated as the slowest of the
+    :meth:`tick` is called at the end of each epoch; it returns why to stop when
+    ``used + next epoch + reserve > limit``, the next epoch estimated as the slowest of the
     last five (epochs with a kNN evaluation included), so the estimate errs long.
     """
 
     def __init__(
-        self,
-        out: Path,
-        run: Path,
-        t_start: float,
-        limit: float,
-        reserve: float,
-        save_every: int,
-        epochs: int,
+        self, limit: float, reserve: float = 0.0, t0: float | None = None, label: str = "limit"
     ) -> None:
-        self.out, self.run, self.epochs = out, run, epochs
-        self.t_start, self.limit, self.reserve = t_start, limit, reserve
-        self.save_every = save_every
         self.t_prev = time.perf_counter()
+        self.t0 = self.t_prev if t0 is None else t0
+        self.limit, self.reserve, self.label = limit, reserve, label
         self.walls: list[float] = []
         self.stopped_early: str | None = None
 
-    def __call__(self, record: dict, model: torch.nn.Module) -> bool:
+    def tick(self, epoch: int) -> str | None:
         now = time.perf_counter()
         self.walls.append(now - self.t_prev)
         self.t_prev = now
+        used, nxt = now - self.t0, max(self.walls[-5:])
+        if used + nxt + self.reserve > self.limit:
+            kept = f" + {self.reserve:.0f} s for evaluation" if self.reserve else ""
+            self.stopped_early = (
+                f"time {self.label}: {used:.0f} s used after epoch {epoch}, next epoch "
+                f"~{nxt:.1f} s{kept} > {self.limit:.0f} s"
+            )
+        return self.stopped_early
+
+
+class EpochWatch:
+    """``train(on_epoch_end=...)``: copies the log out, saves shards, ends the run in time."""
+
+    def __init__(
+        self, out: Path, run: Path, guard: TimeGuard, save_every: int, epochs: int
+    ) -> None:
+        self.out, self.run, self.guard = out, run, guard
+        self.save_every, self.epochs = save_every, epochs
+
+    def __call__(self, record: dict, model: torch.nn.Module) -> bool:
         shutil.copy(self.run / "metrics.jsonl", self.out / "metrics.jsonl")
         if not (self.out / "config.yaml").exists():
             shutil.copy(self.run / "config.yaml", self.out / "config.yaml")
         epoch = record["epoch"]
         if self.save_every and epoch % self.save_every == 0:
             shard_state(model.state_dict(), self.out)
-        elapsed = now - self.t_start
-        next_epoch = max(self.walls[-5:])
+        stop = self.guard.tick(epoch)
+        g = self.guard
         if epoch == 5:
-            per_epoch = sum(self.walls[1:]) / 4  # epoch 1 pays for warm-up
-            total = elapsed + per_epoch * (self.epochs - epoch)
+            per_epoch = sum(g.walls[1:]) / 4  # epoch 1 pays for loading and warm-up
+            total = g.t_prev - g.t0 + per_epoch * (self.epochs - epoch)
             print(
                 f"epochs 2-5: {per_epoch:.2f} s each; {self.epochs} epochs end at ~{total:.0f} s "
-                f"(limit {self.limit:.0f} s, {self.reserve:.0f} s of it kept for evaluation)",
+                f"(limit {g.limit:.0f} s, {g.reserve:.0f} s of it kept for evaluation)",
                 flush=True,
             )
-        if elapsed + next_epoch + self.reserve > self.limit:
-            self.stopped_early = (
-                f"time limit: {elapsed:.0f} s elapsed after epoch {epoch}, next epoch "
-                f"~{next_epoch:.1f} s + {self.reserve:.0f} s for evaluation > {self.limit:.0f} s"
-            )
-            print(f"stopping early ({self.stopped_early})", flush=True)
-            return True
-        return False
+        if stop:
+            print(f"stopping early ({stop})", flush=True)
+        return stop is not None
 
 
 def join(out: Path, lossless: Path | None = None) -> Path:
@@ -286,7 +293,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         limit = args.time_limit or float("inf")
-        watch = EpochWatch(out, run, t_start, limit, args.eval_reserve, args.save_every, cfg.epochs)
+        guard = TimeGuard(limit, args.eval_reserve, t0=t_start)
+        watch = EpochWatch(out, run, guard, args.save_every, cfg.epochs)
         t0 = time.perf_counter()
         train(cfg, run, progress=False, on_epoch_end=watch)
         train_time = time.perf_counter() - t0
@@ -320,7 +328,7 @@ def main() -> None:
         "split": "test",
         "epochs": rows[-1]["epoch"],
         "epochs_planned": cfg.epochs,
-        "stopped_early": watch.stopped_early,
+        "stopped_early": guard.stopped_early,
         "knn": knn,
         "linear": linear,
         "clustering": clusters,

@@ -37,7 +37,7 @@ from carlzoo.training.config import load_config
 from carlzoo.training.train import CollapseError, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cifar10 import portable_command  # noqa: E402  (a script beside this one)
+from gpu_cifar10 import TimeGuard, portable_command  # noqa: E402  (a script beside this one)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,29 +57,6 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
-class Budget:
-    """``on_epoch_end``: stop when the slowest recent epoch would pass the variant's share."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-        self.t0 = self.t_prev = time.perf_counter()
-        self.walls: list[float] = []
-        self.stopped_early: str | None = None
-
-    def __call__(self, record: dict[str, Any], model: torch.nn.Module) -> bool:
-        now = time.perf_counter()
-        self.walls.append(now - self.t_prev)
-        self.t_prev = now
-        used, nxt = now - self.t0, max(self.walls[-5:])
-        if used + nxt > self.seconds:
-            self.stopped_early = (
-                f"time share: {used:.0f} s after epoch {record['epoch']}, next epoch "
-                f"~{nxt:.1f} s > {self.seconds:.0f} s"
-            )
-            return True
-        return False
-
-
 def run_variant(
     name: str, changes: list[str], args: argparse.Namespace, seconds: float
 ) -> dict[str, Any]:
@@ -91,9 +68,14 @@ def run_variant(
         "checkpoint_every=0",
     ]
     cfg = load_config(args.config, [*base, *args.overrides, *changes])
-    budget = Budget(seconds)
+    guard = TimeGuard(seconds, label="share")
     with tempfile.TemporaryDirectory() as tmp:
-        train(cfg, Path(tmp) / "run", progress=False, on_epoch_end=budget)
+        train(
+            cfg,
+            Path(tmp) / "run",
+            progress=False,
+            on_epoch_end=lambda record, model: guard.tick(record["epoch"]) is not None,
+        )
         rows = [
             json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
         ]
@@ -112,8 +94,8 @@ def run_variant(
         "effective_prototypes": last["effective_prototypes"],
         "final_loss": last["loss"],
         "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
-        "seconds": time.perf_counter() - budget.t0,
-        "stopped_early": budget.stopped_early,
+        "seconds": time.perf_counter() - guard.t0,
+        "stopped_early": guard.stopped_early,
     }
 
 
