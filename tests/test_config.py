@@ -45,6 +45,16 @@ def test_overrides_parse_yaml_values_and_win_over_the_file():
     assert cfg.model.num_prototypes == 100  # from the preset
 
 
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-6 as a string; a float field takes it as the number it is.
+    cfg = load_config(None, ["optim.weight_decay=1e-6", "optim.lr=5E-1"])
+    assert cfg.optim.weight_decay == 1e-6 and cfg.optim.lr == 0.5
+    path = tmp_path / "r.yaml"
+    path.write_text("optim:\n  min_lr: 6e-4\n  warmup_epochs: 1e1\n")
+    cfg = load_config(path)
+    assert cfg.optim.min_lr == 6e-4 and cfg.optim.warmup_epochs == 10.0
+
+
 def test_unknown_key_lists_the_valid_ones():
     with pytest.raises(ConfigError, match=r"unknown config key optim\.lrr.*valid keys.*lr"):
         load_config(None, ["optim.lrr=1"])
