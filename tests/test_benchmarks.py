@@ -55,7 +55,7 @@ def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_
     result = _run_script(
         script, "--data", str(data), "--out", str(out), "--epochs", "4",
         "--set", "model.width=4", "--set", "optim.batch_size=64", "--set", "device=cpu",
-        "--time-limit", "0.001", "--eval-reserve", "0",
+        "--set", "optim.warmup_epochs=1", "--time-limit", "0.001", "--eval-reserve", "0",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stopping early (time limit" in result.stdout
@@ -119,6 +119,7 @@ def test_gpu_sweep_compares_variants_records_collapse_and_keeps_to_its_time(tmp_
     common = [
         script, "--data", str(data), "--epochs", "3", "--knn-every", "1",
         "--set", "model.width=4", "--set", "optim.batch_size=64", "--set", "device=cpu",
+        "--set", "optim.warmup_epochs=0",
     ]  # fmt: skip
     # Without the uniform prior, at lr 5, every image lands on one prototype by epoch 3.
     collapse = "nokl:loss.kl_start=0,loss.kl_end=0,optim.lr=5,collapse_patience=1"

@@ -67,6 +67,9 @@ def test_unknown_key_lists_the_valid_ones():
     [
         ("optim.lr=fast", "optim.lr: expected a number"),
         ("epochs=2.5", "epochs: expected an integer"),
+        ("epochs=0", "epochs must be >= 1"),
+        ("optim.warmup_epochs=200", r"optim.warmup_epochs=200 must be shorter than epochs=200"),
+        ("save_every=0", "save_every must be >= 1"),
         ("compile=maybe", "compile: expected true or false"),
         ("data.pipeline=gpu", "data.pipeline='gpu': expected one of"),
         ("model.backbone=vgg", "model.backbone"),

@@ -100,6 +100,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {self.save_every}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.optim.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"optim.warmup_epochs={self.optim.warmup_epochs:g} must be shorter than "
+                f"epochs={self.epochs} (the lr would never reach optim.lr); lower it, e.g. "
+                f"--set optim.warmup_epochs={max(self.epochs // 10, 0)}"
+            )
 
 
 _DATACLASSES = (ModelConfig, DataConfig, AugmentConfig, OptimConfig, LossConfig, TrainConfig)
