@@ -14,6 +14,10 @@ metrics of the prototype assignments. Everything it writes to OUT is under 16 Mi
     OUT/config.yaml            the resolved training config
     OUT/weights-0000K-of-0000N.safetensors   float16 model weights in shards (BN stats fp32)
 
+At ``--probe-at`` epochs (default: half the run, e.g. epoch 100 of 200) kNN and the linear
+probe are measured too, mid-schedule: a conservative stand-in for a run of that length,
+whose learning rate would have annealed by then.
+
 The run is built for machines lent for a fixed time. metrics.jsonl is updated after every
 epoch and the weight shards every ``--save-every`` epochs, so a run killed from outside
 still leaves its latest state behind. With ``--time-limit`` the script ends training early
@@ -40,6 +44,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -135,14 +140,44 @@ class TimeGuard:
         return self.stopped_early
 
 
+def evaluate(
+    model: torch.nn.Module, cfg: object, train_set: object, test_set: object, device: torch.device
+) -> dict:
+    """kNN (k=200, T=0.1), linear probe and prototype clustering on the test split."""
+    kw = dict(
+        mean=cfg.augment.mean,
+        std=cfg.augment.std,
+        size=cfg.data.image_size,
+        device=device,
+        amp=False,
+    )
+    f_train = extract_features(model, train_set.images, **kw)
+    f_test = extract_features(model, test_set.images, **kw)
+    logits = extract_features(model, test_set.images, layer="logits", **kw)
+    return {
+        "knn": knn_eval(f_train, train_set.labels, f_test, test_set.labels, k=200, t=0.1),
+        "linear": linear_eval(f_train, train_set.labels, f_test, test_set.labels, device=device),
+        "clustering": cluster_metrics(logits.argmax(1).numpy(), test_set.labels),
+    }
+
+
 class EpochWatch:
     """``train(on_epoch_end=...)``: copies the log out, saves shards, ends the run in time."""
 
     def __init__(
-        self, out: Path, run: Path, guard: TimeGuard, save_every: int, epochs: int
+        self,
+        out: Path,
+        run: Path,
+        guard: TimeGuard,
+        save_every: int,
+        epochs: int,
+        probe_at: set[int] | None = None,
+        probe: Callable[[torch.nn.Module], dict] | None = None,
     ) -> None:
         self.out, self.run, self.guard = out, run, guard
         self.save_every, self.epochs = save_every, epochs
+        self.probe_at, self.probe = probe_at or set(), probe
+        self.probes: list[dict] = []
 
     def __call__(self, record: dict, model: torch.nn.Module) -> bool:
         shutil.copy(self.run / "metrics.jsonl", self.out / "metrics.jsonl")
@@ -151,6 +186,17 @@ class EpochWatch:
         epoch = record["epoch"]
         if self.save_every and epoch % self.save_every == 0:
             shard_state(model.state_dict(), self.out)
+        if self.probe is not None and epoch in self.probe_at:
+            t0 = time.perf_counter()
+            res = {"epoch": epoch, **self.probe(model)}
+            res["seconds"] = time.perf_counter() - t0
+            self.probes.append(res)
+            self.guard.t_prev += res["seconds"]  # not part of the next epoch's estimate
+            print(
+                f"probe at epoch {epoch}: kNN {res['knn']['top1']:.2f}%, linear "
+                f"{res['linear']['top1']:.2f}% ({res['seconds']:.0f} s)",
+                flush=True,
+            )
         stop = self.guard.tick(epoch)
         g = self.guard
         if epoch == 5:
@@ -262,6 +308,13 @@ def main() -> None:
         "--eval-reserve", type=float, default=45.0, help="seconds kept for evaluation and files"
     )
     p.add_argument("--save-every", type=int, default=25, help="epochs between weight shards")
+    p.add_argument(
+        "--probe-at",
+        type=int,
+        action="append",
+        default=None,
+        help="also run kNN + linear at this epoch (repeatable; default: half the epochs; 0: none)",
+    )
     p.add_argument("--join", action="store_true", help="rebuild OUT/run from OUT's shards")
     p.add_argument(
         "--lossless", help="with --join: evaluate again on this lossless CIFAR-10 .npz (CPU)"
@@ -290,11 +343,22 @@ def main() -> None:
         flush=True,
     )
 
+    train_set = load_split("cifar10", args.data, "train")
+    test_set = load_split("cifar10", args.data, "test")
+    probe_at = {cfg.epochs // 2} if args.probe_at is None else set(args.probe_at) - {0}
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
         limit = args.time_limit or float("inf")
         guard = TimeGuard(limit, args.eval_reserve, t0=t_start)
-        watch = EpochWatch(out, run, guard, args.save_every, cfg.epochs)
+        watch = EpochWatch(
+            out,
+            run,
+            guard,
+            args.save_every,
+            cfg.epochs,
+            probe_at={e for e in probe_at if 0 < e < cfg.epochs},
+            probe=lambda m: evaluate(m, cfg, train_set, test_set, device),
+        )
         t0 = time.perf_counter()
         train(cfg, run, progress=False, on_epoch_end=watch)
         train_time = time.perf_counter() - t0
@@ -304,21 +368,8 @@ def main() -> None:
 
     model = model.to(device)
     t0 = time.perf_counter()
-    train_set = load_split("cifar10", args.data, "train")
-    test_set = load_split("cifar10", args.data, "test")
-    kw = dict(
-        mean=cfg.augment.mean,
-        std=cfg.augment.std,
-        size=cfg.data.image_size,
-        device=device,
-        amp=False,
-    )
-    f_train = extract_features(model, train_set.images, **kw)
-    f_test = extract_features(model, test_set.images, **kw)
-    logits = extract_features(model, test_set.images, layer="logits", **kw)
-    knn = knn_eval(f_train, train_set.labels, f_test, test_set.labels, k=200, t=0.1)
-    linear = linear_eval(f_train, train_set.labels, f_test, test_set.labels, device=device)
-    clusters = cluster_metrics(logits.argmax(1).numpy(), test_set.labels)
+    final = evaluate(model, cfg, train_set, test_set, device)
+    knn, linear, clusters = final["knn"], final["linear"], final["clustering"]
     eval_time = time.perf_counter() - t0
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -334,6 +385,7 @@ def main() -> None:
         "clustering": clusters,
         "prototypes_used": rows[-1]["prototypes_used"],
         "knn_curve": [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r],
+        "probes": watch.probes,  # kNN + linear at earlier epochs of this run (same schedule)
         "train_time_s": train_time,
         "eval_time_s": eval_time,
         "total_time_s": time.perf_counter() - t_start,

@@ -56,6 +56,7 @@ def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_
         script, "--data", str(data), "--out", str(out), "--epochs", "4",
         "--set", "model.width=4", "--set", "optim.batch_size=64", "--set", "device=cpu",
         "--set", "optim.warmup_epochs=1", "--time-limit", "0.001", "--eval-reserve", "0",
+        "--probe-at", "1",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "stopping early (time limit" in result.stdout
@@ -68,6 +69,11 @@ def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_
     assert metrics["command"].startswith(command)
     assert str(tmp_path) not in json.dumps(metrics)
     assert 0 <= metrics["knn"]["top1"] <= 100 and 0 <= metrics["linear"]["top1"] <= 100
+    (probe,) = metrics["probes"]  # measured at epoch 1, before the time limit ended the run
+    assert probe["epoch"] == 1 and "probe at epoch 1: kNN" in result.stdout
+    # Epoch 1 is the last one trained, so the probe saw the final weights (up to one of the
+    # 64 test images flipping with another memory layout's rounding).
+    assert abs(probe["knn"]["top1"] - metrics["knn"]["top1"]) <= 100 / 64 + 1e-6
     names = sorted(p.name for p in out.iterdir())
     assert names == [
         "config.yaml", "metrics.json", "metrics.jsonl", "weights-00001-of-00001.safetensors"
