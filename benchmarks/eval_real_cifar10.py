@@ -14,6 +14,7 @@ import argparse
 import json
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--out",
-        default="/tmp/carlzoo_eval_real_cifar10",
+        default=str(Path(tempfile.gettempdir()) / "carlzoo_eval_real_cifar10"),
         help="folder for the run and results.json",
     )
     args = ap.parse_args()

@@ -18,7 +18,7 @@ At ``--probe-at`` epochs (default: half the run, e.g. epoch 100 of 200) kNN and 
 probe are measured too, mid-schedule: a conservative stand-in for a run of that length,
 whose learning rate would have annealed by then.
 
-The run is built for machines lent for a fixed time. metrics.jsonl is updated after every
+The run is built for GPU machines held for a fixed time. metrics.jsonl is updated after every
 epoch and the weight shards every ``--save-every`` epochs, so a run killed from outside
 still leaves its latest state behind. With ``--time-limit`` the script ends training early
 when the next epoch and the evaluation would not fit in the time left, evaluates what it

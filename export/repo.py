@@ -180,6 +180,18 @@ def read_evaluations(run_dir: str | Path) -> list[dict[str, Any]]:
     return items
 
 
+def _portable_evaluation(ev: dict[str, Any]) -> dict[str, Any]:
+    """A probe result as published: the probed run or folder is this model, not a local path."""
+    model = ev.get("model")
+    if not isinstance(model, str):
+        return ev
+    if ev.get("model_source") == "run":  # eval.json of a run holds that run's results
+        return {**ev, "model": "this model"}
+    if Path(model).expanduser().exists():  # a local model folder: its name only
+        return {**ev, "model": Path(model).name}
+    return ev
+
+
 def detect_recipe(cfg: Any) -> tuple[str | None, dict[str, Any]]:
     """(``training/configs/<recipe>.yaml``, changed keys): of the recipes for the run's dataset
     (``cifar10.yaml``, ``cifar10_fast.yaml``, ...), the one the run changes least."""
@@ -400,7 +412,7 @@ def export_model(
         raise ExportError(_one_line(e)) from None
     run_dir = _run_dir(source, ckpt_path)
     records = read_run_records(run_dir, ckpt.epoch, ckpt.metrics)
-    evaluations = read_evaluations(run_dir)
+    evaluations = [_portable_evaluation(ev) for ev in read_evaluations(run_dir)]
     recipe, changes = detect_recipe(cfg)
     command = _train_command(recipe, changes)
     results = _results(cfg, records, evaluations, command)

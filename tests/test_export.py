@@ -203,6 +203,25 @@ def test_eval_json_metrics_reach_config_and_model_index(run_dir: Path, tmp_path:
     assert re.search(r"kNN top-1 accuracy \| .* \| not measured", card)
 
 
+def test_published_results_name_no_local_paths(run_dir: Path, tmp_path: Path) -> None:
+    from carlzoo.training.evaluate import run_probe
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    data = run_dir.parent / "tiny.npz"
+    probe = run_probe(run, "npz", data, "knn", k=5)  # the real `carlzoo probe` result
+    assert probe["model"] == str(run)
+    other = dict(probe, model=str(tmp_path), model_source="pretrained")  # a local folder
+    zoo = dict(probe, model="carl-stl10", model_source="pretrained", dataset="stl10")
+    (run / "eval.json").write_text(json.dumps([probe, other, zoo]))
+    export_model(run, tmp_path / "m", onnx=False)
+    for f in (tmp_path / "m").iterdir():
+        assert str(tmp_path).encode() not in f.read_bytes(), f.name
+    published = (tmp_path / "m" / "metrics.json").read_text()
+    models = [e["model"] for e in json.loads(published)["evaluations"]]
+    assert models == ["this model", tmp_path.name, "carl-stl10"]
+
+
 def test_card_credits_the_script_that_measured_a_result(run_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

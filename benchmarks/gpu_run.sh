@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# One GPU session: the carl-cifar10 run (gpu_cifar10.py) or the throughput figures
-# (train_throughput.py), writing what comes back to $OUT (default ./gpu-out).
+# One time-boxed GPU job: the carl-cifar10 run (gpu_cifar10.py) or the throughput figures
+# (train_throughput.py), writing its results to $OUT (default ./gpu-out).
 #
-#   DATA=path/to/cifar10_webp90.npz bash benchmarks/gpu_session.sh
+#   DATA=path/to/cifar10_webp90.npz bash benchmarks/gpu_run.sh
 #
 # STEP=train (default) trains, evaluates and writes metrics + weight shards: 6 files.
 # STEP=throughput measures model-only vs carlzoo vs DataLoader at batch 512: 2 files.
 # STEP=sweep compares recipe variants for EPOCHS epochs each: 2 files, e.g.
 #   STEP=sweep EPOCHS=40 VARIANTS="base lr0.3:optim.lr=0.3 k300:model.num_prototypes=300"
-# Each step fits one 10-minute call. TIME_LIMIT (default 560 s) bounds the training script:
+# Each step fits a 10-minute job. TIME_LIMIT (default 560 s) bounds the training script:
 # it ends training early, evaluates and says so when the recipe would not fit. EPOCHS
 # shortens the schedule itself (default: the recipe's 200 epochs). SETS="key=value ..." changes
 # the recipe (train and sweep), e.g. SETS="optim.lr=0.3 model.num_prototypes=300".
@@ -62,7 +62,7 @@ case "$STEP" in
         exit 2
         ;;
 esac
-# What comes back from a lent machine: at most 8 files of at most 16 MiB each.
+# Results small enough to copy off a machine that limits them: at most 8 files of 16 MiB.
 n=$(find "$OUT" -type f | wc -l)
 big=$(find "$OUT" -type f -size +16M | wc -l)
 echo "$OUT: $n files, $big over 16 MiB"
