@@ -20,6 +20,7 @@ import yaml
 
 __all__ = [
     "DATASET_TITLES",
+    "dataset_title",
     "HUB_DATASETS",
     "Result",
     "CardContext",
@@ -118,8 +119,22 @@ class CardContext:
         return DATASET_TITLES.get(self.dataset, self.dataset)
 
 
+def _copy_of(name: str) -> str | None:
+    """The known dataset that ``name`` is a copy of (``cifar10_webp90`` -> ``cifar10``)."""
+    known = [k for k in DATASET_TITLES if name.startswith(k + "_")]
+    return max(known, key=len) if known else None
+
+
+def dataset_title(name: str) -> str:
+    """Display title: ``CIFAR-10``, or ``CIFAR-10 (copy cifar10_webp90)`` for a named copy."""
+    if name in DATASET_TITLES:
+        return DATASET_TITLES[name]
+    base = _copy_of(name)
+    return f"{DATASET_TITLES[base]} (copy {name})" if base else name
+
+
 def _hub_dataset(name: str) -> str:
-    return HUB_DATASETS.get(name, name)
+    return HUB_DATASETS.get(name) or HUB_DATASETS.get(_copy_of(name) or "", name)
 
 
 def model_index(ctx: CardContext) -> list[dict[str, Any]]:
@@ -141,7 +156,7 @@ def model_index(ctx: CardContext) -> list[dict[str, Any]]:
                     else _PROTOCOLS.get(protocol, protocol),
                 },
                 "dataset": {
-                    "name": DATASET_TITLES.get(dataset, dataset),
+                    "name": dataset_title(dataset),
                     "type": _hub_dataset(dataset),
                     "split": split,
                 },
@@ -314,7 +329,7 @@ def _results_section(ctx: CardContext) -> str:
     rows = [
         (
             r.label,
-            f"{DATASET_TITLES.get(r.dataset, r.dataset)} ({r.split})",
+            f"{dataset_title(r.dataset)} ({r.split})",
             r.display(),
             r.source or "-",
         )

@@ -492,3 +492,15 @@ def test_export_into_the_bundled_folder_prints_the_registry_pins(
     for other in (tmp_path / "elsewhere" / "carl-cifar10", tmp_path / "models" / "mine"):
         result = _cli(export, [str(run_dir), "--out", str(other), "--no-onnx"])
         assert result.exit_code == 0 and "registry.py pins" not in result.output
+
+
+def test_a_named_copy_of_a_dataset_keeps_its_hub_id_and_says_it_is_a_copy() -> None:
+    from carlzoo.export.card import _hub_dataset, dataset_title
+
+    assert dataset_title("cifar10") == "CIFAR-10" and _hub_dataset("cifar10") == "uoft-cs/cifar10"
+    assert dataset_title("cifar10_webp90") == "CIFAR-10 (copy cifar10_webp90)"
+    assert _hub_dataset("cifar10_webp90") == "uoft-cs/cifar10"
+    assert _hub_dataset("cifar100_x") == "uoft-cs/cifar100"  # not taken for cifar10
+    assert dataset_title("stl10_small") == "STL-10 (copy stl10_small)"
+    assert _hub_dataset("stl10_small") == "stl10_small"  # no certain Hub id
+    assert dataset_title("mine") == "mine" and _hub_dataset("mine") == "mine"
