@@ -56,7 +56,7 @@ from carlzoo.training.config import config_to_dict, load_config
 from carlzoo.training.datasets import load_split
 from carlzoo.training.evaluate import cluster_metrics, knn_eval, linear_eval
 from carlzoo.training.features import extract_features
-from carlzoo.training.run import load_run
+from carlzoo.training.run import load_run, read_metrics
 from carlzoo.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,24 +88,24 @@ def shard_state(state: dict[str, torch.Tensor], out: Path) -> list[Path]:
 
 def portable_command(argv: list[str]) -> str:
     """The command line as recorded in results: file names instead of this machine's paths."""
+
+    def config(p: Path) -> str:
+        p = p.resolve()
+        return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
+
+    shown = {"--data": lambda p: p.name, "--lossless": lambda p: p.name,
+             "--out": lambda p: "OUT", "--config": config}  # fmt: skip
     words = ["python", f"benchmarks/{Path(argv[0]).name}"]
-    names = {"--data": lambda p: p.name, "--lossless": lambda p: p.name, "--out": lambda p: "OUT"}
     i = 1
     while i < len(argv):
-        arg, value = argv[i], argv[i + 1] if i + 1 < len(argv) else None
-        flag, eq, inline = arg.partition("=")
-        if flag in names and (eq or value is not None):
-            words.append(f"{flag} {names[flag](Path(inline if eq else value))}")
+        flag, eq, inline = argv[i].partition("=")
+        value = inline if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        if flag in shown and value is not None:
+            words.append(f"{flag} {shown[flag](Path(value))}")
             i += 1 if eq else 2
-            continue
-        if flag == "--config" and (eq or value is not None):
-            path = Path(inline if eq else value).resolve()
-            shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
-            words.append(f"--config {shown}")
-            i += 1 if eq else 2
-            continue
-        words.append(arg)
-        i += 1
+        else:
+            words.append(argv[i])
+            i += 1
     return " ".join(words)
 
 
@@ -125,6 +125,10 @@ class TimeGuard:
         self.limit, self.reserve, self.label = limit, reserve, label
         self.walls: list[float] = []
         self.stopped_early: str | None = None
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent since the last tick outside training (a probe): used, not an epoch's."""
+        self.t_prev += seconds
 
     def tick(self, epoch: int) -> str | None:
         now = time.perf_counter()
@@ -191,7 +195,7 @@ class EpochWatch:
             res = {"epoch": epoch, **self.probe(model)}
             res["seconds"] = time.perf_counter() - t0
             self.probes.append(res)
-            self.guard.t_prev += res["seconds"]  # not part of the next epoch's estimate
+            self.guard.exclude(res["seconds"])
             print(
                 f"probe at epoch {epoch}: kNN {res['knn']['top1']:.2f}%, linear "
                 f"{res['linear']['top1']:.2f}% ({res['seconds']:.0f} s)",
@@ -234,16 +238,16 @@ def join(out: Path, lossless: Path | None = None) -> Path:
             }
         )
     cfg = load_config(out / "config.yaml")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((out / "metrics.json").read_text())
+    # The run's log up to the epoch the shards hold (a stopped run's log ends there too).
+    rows = read_metrics(out / "metrics.jsonl", final["epochs"])
+    if not rows or rows[-1]["epoch"] != final["epochs"]:
+        sys.exit(f"{out}/metrics.jsonl has no line for epoch {final['epochs']} of metrics.json")
+    last = rows[-1]
     run = out / "run"
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "config.yaml", run / "config.yaml")
-    final = json.loads((out / "metrics.json").read_text())
-    # The run's log up to the epoch the shards hold (a stopped run's log ends there too).
-    last = next(r for r in reversed(rows) if r["epoch"] == final["epochs"])
-    (run / "metrics.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in rows if r["epoch"] <= final["epochs"])
-    )
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     save_checkpoint(
         run / "checkpoints" / "last.safetensors",
         Checkpoint(
@@ -360,10 +364,8 @@ def main() -> None:
             probe=lambda m: evaluate(m, cfg, train_set, test_set, device),
         )
         t0 = time.perf_counter()
-        train(cfg, run, progress=False, on_epoch_end=watch)
+        train(cfg, run, progress=False, on_epoch_end=watch)  # watch copies the log to out
         train_time = time.perf_counter() - t0
-        shutil.copy(run / "metrics.jsonl", out / "metrics.jsonl")
-        shutil.copy(run / "config.yaml", out / "config.yaml")
         model, cfg, _ = load_run(run)
 
     model = model.to(device)
@@ -372,7 +374,7 @@ def main() -> None:
     knn, linear, clusters = final["knn"], final["linear"], final["clustering"]
     eval_time = time.perf_counter() - t0
 
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "metrics.jsonl")
     metrics = {
         "dataset": f"cifar10 ({Path(args.data).name})",
         "data_file": Path(args.data).name,

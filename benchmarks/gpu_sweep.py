@@ -34,6 +34,7 @@ import torch
 
 import carlzoo
 from carlzoo.training.config import load_config
+from carlzoo.training.run import read_metrics
 from carlzoo.training.train import CollapseError, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -76,9 +77,7 @@ def run_variant(
             progress=False,
             on_epoch_end=lambda record, model: guard.tick(record["epoch"]) is not None,
         )
-        rows = [
-            json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
-        ]
+        rows = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     curve = [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r]
     last = rows[-1]
     return {

@@ -123,20 +123,12 @@ def read_run_records(
     killed mid-write) are skipped. ``fallback`` (the checkpoint's own record) is used when
     the file is missing.
     """
+    from carlzoo.training.run import read_metrics
+
     path = Path(run_dir) / "metrics.jsonl"
-    by_epoch: dict[int, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("epoch"), int):
-                if 1 <= rec["epoch"] <= last_epoch:
-                    by_epoch[rec["epoch"]] = rec
-    elif fallback and isinstance(fallback.get("epoch"), int):
-        by_epoch[fallback["epoch"]] = fallback
-    records = [by_epoch[e] for e in sorted(by_epoch)]
+    records = read_metrics(path, last_epoch)
+    if not path.is_file() and fallback and isinstance(fallback.get("epoch"), int):
+        records = [fallback]
     times = [r["epoch_time_s"] for r in records if isinstance(r.get("epoch_time_s"), (int, float))]
     hardware = None
     for rec in reversed(records):

@@ -1,14 +1,39 @@
-"""Read a training run back: the model and config of a run folder or checkpoint file."""
+"""Read a training run back: the model and config of a run folder or checkpoint file, and
+its per-epoch log."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from carlzoo.model import CARLModel, build_model
 from carlzoo.training.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 from carlzoo.training.config import TrainConfig, config_from_dict
 
-__all__ = ["find_checkpoint", "load_run"]
+__all__ = ["find_checkpoint", "load_run", "read_metrics"]
+
+
+def read_metrics(path: str | Path, last_epoch: int | None = None) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, one per epoch, in epoch order, up to ``last_epoch``.
+
+    The last line of an epoch wins, so a resumed run counts each epoch once; lines that are
+    not a JSON record with an integer epoch (one cut short by a kill) are skipped. A missing
+    file gives [].
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int):
+            if 1 <= rec["epoch"] and (last_epoch is None or rec["epoch"] <= last_epoch):
+                by_epoch[rec["epoch"]] = rec
+    return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def find_checkpoint(path: str | Path) -> Path:

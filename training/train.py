@@ -33,6 +33,7 @@ from carlzoo.training.dist import resolve_device
 from carlzoo.training.features import extract_features
 from carlzoo.training.knn import knn_accuracy
 from carlzoo.training.loss import CARLLoss, LossTerms, kl_weight
+from carlzoo.training.run import read_metrics
 
 __all__ = [
     "train",
@@ -196,19 +197,12 @@ def _knn_monitor(
 
 
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop the lines of epochs after ``last_epoch`` (logged, then lost with the process)."""
+    """Keep one line per epoch up to ``last_epoch`` (later ones were lost with the process)."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["epoch"] <= last_epoch:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
-            continue
-    if len(kept) != len(lines):
-        atomic_write(path, lambda p: p.write_text("".join(x + "\n" for x in kept)))
+    text = "".join(json.dumps(r) + "\n" for r in read_metrics(path, last_epoch))
+    if text != path.read_text():
+        atomic_write(path, lambda p: p.write_text(text))
 
 
 def _rng_state(device: torch.device) -> dict[str, Tensor]:
