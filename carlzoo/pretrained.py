@@ -29,7 +29,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import warnings
@@ -75,8 +74,6 @@ ONNX_NAME = "model.onnx"
 BACKENDS = ("torch", "onnx")
 LAYERS = ("backbone", "projection")
 _HUB_PREFIX = "hf-hub:"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-_SHA1 = re.compile(r"^[0-9a-f]{40}$")
 _BN_STATS = ("running_mean", "running_var")
 
 
@@ -606,7 +603,7 @@ def _hub_download(
             ) from None
         if folder is None:
             folder = path.parent
-            if _SHA1.match(folder.name):
+            if registry.COMMIT_SHA.match(folder.name):
                 rev = folder.name  # pin the rest to the commit the first file came from
         elif path.parent != folder:
             raise ZooError(
@@ -620,7 +617,7 @@ def _hub_download(
 def _parse_hub_spec(spec: str, revision: str | None) -> tuple[str, str | None]:
     body = spec[len(_HUB_PREFIX) :]
     repo_id, at, rev = body.partition("@")
-    if not _REPO_ID.match(repo_id) or (at and not rev):
+    if not registry.REPO_ID.match(repo_id) or (at and not rev):
         raise ZooError(
             f"{spec!r} is not a valid Hub spec: write hf-hub:org/repo or hf-hub:org/repo@revision"
         )
@@ -703,9 +700,8 @@ def _bundled_onnx(entry: registry.ZooEntry, bundled: Path) -> Path:
         ) from None
     try:
         shutil.copyfile(bundled / CONFIG_NAME, tmp / CONFIG_NAME)
-        shutil.copyfile(bundled / WEIGHTS_NAME, tmp / WEIGHTS_NAME)
-        add_onnx(tmp, dtype=dtype if dtype in ("float32", "float16") else "float32")
-        (tmp / WEIGHTS_NAME).unlink()
+        onnx_dtype = dtype if dtype in ("float32", "float16") else "float32"
+        add_onnx(bundled, dtype=onnx_dtype, out=tmp / ONNX_NAME)
         if folder.exists():  # an unfinished folder of an older version: replace it
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -761,7 +757,8 @@ def load(
             )
         return from_pretrained(path, device, backend)
     if os.sep in text or "/" in text or text.startswith((".", "~")):
-        hint = f" (for a Hub repository write 'hf-hub:{text}')" if _REPO_ID.match(text) else ""
+        hub = registry.REPO_ID.match(text)
+        hint = f" (for a Hub repository write 'hf-hub:{text}')" if hub else ""
         raise ZooError(f"model folder {text} does not exist{hint}")
     import difflib
 

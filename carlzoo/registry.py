@@ -38,7 +38,10 @@ __all__ = [
 BUNDLED_DIR = Path(__file__).resolve().parent / "models"
 """Folder of model folders shipped inside the package (``carlzoo/models/<name>/``)."""
 
-_SHA1 = re.compile(r"^[0-9a-f]{40}$")
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+"""A full git commit sha, as the registry pins and the Hub cache names snapshot folders."""
+REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+"""A Hub repository id, ``org/name``."""
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _STATUSES = ("published", "unpublished")
 
@@ -68,7 +71,7 @@ class ZooEntry:
                 f"registry entry {self.name}: status={self.status!r}, "
                 f"expected one of {list(_STATUSES)}"
             )
-        if self.revision is not None and not _SHA1.match(self.revision):
+        if self.revision is not None and not COMMIT_SHA.match(self.revision):
             raise ValueError(
                 f"registry entry {self.name}: revision must be a 40-hex commit "
                 f"sha, got {self.revision!r}"

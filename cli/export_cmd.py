@@ -73,13 +73,12 @@ def export(
         click.echo(f"float16 weights: max abs diff {res.roundtrip_max_abs_diff:.2e} vs float32")
     measured = ", ".join(f"{k} {v:g}" for k, v in res.metrics.items()) or "none"
     click.echo(f"measured metrics: {measured}")
-    _echo_bundled_pins(Path(res.out_dir))
+    _echo_bundled_pins(Path(res.out_dir), res.files)
 
 
-def _echo_bundled_pins(out_dir: Path) -> None:
+def _echo_bundled_pins(out_dir: Path, hashes: dict[str, str]) -> None:
     """When ``out_dir`` is a zoo model's bundled folder, print the hashes its entry must pin."""
     from carlzoo import registry
-    from carlzoo.export.push import local_file_hashes
 
     out_dir = out_dir.resolve()
     if out_dir.parent != registry.BUNDLED_DIR.resolve() or out_dir.name not in registry.REGISTRY:
@@ -89,7 +88,7 @@ def _echo_bundled_pins(out_dir: Path) -> None:
         f"its entry in carlzoo/registry.py pins these files:"
     )
     click.echo("    files={")
-    for fname, digest in local_file_hashes(out_dir).items():
+    for fname, digest in sorted(hashes.items()):
         click.echo(f'        "{fname}": "{digest}",')
     click.echo("    },")
 

@@ -215,9 +215,15 @@ def parity_failure(res: dict[str, float], tol: float = 1e-4) -> str | None:
 
 
 def add_onnx(
-    directory: str | Path, *, opset: int | None = None, dtype: str = "float32", check: bool = True
+    directory: str | Path,
+    *,
+    opset: int | None = None,
+    dtype: str = "float32",
+    check: bool = True,
+    out: str | Path | None = None,
 ) -> Path:
-    """Export ``directory/model.onnx`` from the folder's model.safetensors and config.json.
+    """Export ``directory/model.onnx`` (or ``out``) from the folder's model.safetensors and
+    config.json.
 
     With ``check`` the export is compared with PyTorch on a few random inputs and refused
     (ValueError) when :func:`parity_failure` finds them apart, with ``tol`` 1e-4 for float32
@@ -228,8 +234,8 @@ def add_onnx(
     directory = Path(directory)
     model = from_pretrained(directory, backend="torch")
     size = model.config.preprocessing.input_size
-    out = directory / ONNX_NAME
-    tmp = directory / f".{ONNX_NAME}.export.tmp"
+    out = directory / ONNX_NAME if out is None else Path(out)
+    tmp = out.with_name(f".{out.name}.export.tmp")
     try:
         export_onnx(model, tmp, input_size=size, opset=opset, dtype=dtype)
         if check:

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carlzoo.registry import sha256_file
+from carlzoo.registry import REPO_ID, sha256_file
 
 __all__ = [
     "PushError",
@@ -31,7 +30,6 @@ __all__ = [
     "registry_snippet",
 ]
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _REQUIRED = ("config.json", "model.safetensors")
 
 
@@ -108,7 +106,7 @@ def push_model(
     """Upload ``model_dir`` to ``repo_id`` (branch ``revision``, default main) as one commit."""
     model_dir = Path(model_dir)
     _check_model_dir(model_dir)
-    if not _REPO_ID.match(repo_id):
+    if not REPO_ID.match(repo_id):
         raise PushError(f"--repo-id {repo_id!r} is not of the form ORG/NAME")
     branch = revision or "main"
     tok = resolve_token(token)

@@ -533,8 +533,8 @@ def test_failed_onnx_export_of_a_bundled_model_is_one_line_and_leaves_nothing(
     _pin(monkeypatch, "carl-cifar10",
          {f: sha256_file(bundle / f) for f in ("config.json", "model.safetensors")})
 
-    def broken(directory: Path, **kwargs: object) -> None:
-        (Path(directory) / "model.onnx").write_bytes(b"half")
+    def broken(directory: Path, *, out: Path, **kwargs: object) -> None:
+        Path(out).write_bytes(b"half")  # a half-written export where it was asked to go
         raise ValueError("ONNX export differs from PyTorch:\nmax abs diff 3")
 
     monkeypatch.setattr(onnx_mod, "add_onnx", broken)
@@ -544,6 +544,7 @@ def test_failed_onnx_export_of_a_bundled_model_is_one_line_and_leaves_nothing(
     assert "\n" not in msg and "model.onnx is not bundled" in msg
     assert "differs from PyTorch" in msg and "use backend='torch'" in msg
     assert list((tmp_path / "cache" / "onnx").iterdir()) == []
+    assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_load_spec_errors(folder: Path) -> None:
