@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 
 import carlzoo
 from carlzoo.training.checkpoint import Checkpoint, save_checkpoint
-from carlzoo.training.config import config_to_dict, load_config
+from carlzoo.training.config import ConfigError, config_to_dict, load_config
 from carlzoo.training.datasets import load_split
 from carlzoo.training.evaluate import cluster_metrics, knn_eval, linear_eval
 from carlzoo.training.features import extract_features
@@ -325,21 +325,27 @@ def main() -> None:
     )
     args = p.parse_args()
     out = Path(args.out)
+    if args.lossless and not Path(args.lossless).is_file():
+        p.error(f"--lossless {args.lossless}: no such file")
     if args.join:
         join(out, Path(args.lossless) if args.lossless else None)
         return
     if not args.data:
         p.error("--data is required unless --join")
-    out.mkdir(parents=True, exist_ok=True)
+    if not Path(args.data).is_file():
+        p.error(f"--data {args.data}: no such file")
     t_start = time.perf_counter()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
-    )
-
     overrides = [f"data.root={Path(args.data).resolve()}", "data.dataset=cifar10", *args.overrides]
     if args.epochs is not None:
         overrides.append(f"epochs={args.epochs}")
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        p.error(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(
         f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch "

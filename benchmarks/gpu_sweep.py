@@ -138,6 +138,8 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="for every variant")
     p.add_argument("--time-limit", type=float, default=0.0, help="seconds in all (0: none)")
     args = p.parse_args()
+    if not Path(args.data).is_file():
+        p.error(f"--data {args.data}: no such file")
     names = [n for n, _ in args.variants]
     if len(set(names)) != len(names):
         p.error(f"--variant names must differ, got {names}")

@@ -164,3 +164,26 @@ def test_gpu_sweep_rejects_bad_variants_before_training(tmp_path):
     result = _run_script(*args, "--variant", "a", "--variant", "a:optim.lr=1")
     assert result.returncode == 2 and "must differ" in result.stderr
     assert not (tmp_path / "sweep.json").exists()
+
+
+def test_gpu_scripts_refuse_bad_input_before_writing(tmp_path):
+    import numpy as np
+
+    data = tmp_path / "c10.npz"
+    x = np.zeros((8, 32, 32, 3), np.uint8)
+    np.savez(data, x_train=x, y_train=np.zeros(8), x_test=x, y_test=np.zeros(8))
+    gpu = str(ROOT / "benchmarks" / "gpu_cifar10.py")
+    sweep = str(ROOT / "benchmarks" / "gpu_sweep.py")
+    out = tmp_path / "out"
+    cases = [
+        ([gpu, "--data", str(tmp_path / "nope.npz"), "--out", str(out)], "nope.npz: no such file"),
+        ([gpu, "--data", str(data), "--out", str(out), "--set", "optim.lr=fast"],
+         "optim.lr: expected a number"),
+        ([gpu, "--out", str(out), "--join", "--lossless", "gone.npz"], "gone.npz: no such file"),
+        ([sweep, "--data", "nope.npz", "--out", str(out), "--epochs", "1", "--variant", "a"],
+         "nope.npz: no such file"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = _run_script(*args)
+        assert result.returncode == 2 and message in result.stderr.splitlines()[-1], args
+        assert not out.exists()
