@@ -138,8 +138,6 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], help="for every variant")
     p.add_argument("--time-limit", type=float, default=0.0, help="seconds in all (0: none)")
     args = p.parse_args()
-    if not Path(args.data).is_file():
-        p.error(f"--data {args.data}: no such file")
     names = [n for n, _ in args.variants]
     if len(set(names)) != len(names):
         p.error(f"--variant names must differ, got {names}")
@@ -148,6 +146,8 @@ def main() -> None:
             load_config(args.config, [*args.overrides, *changes])
         except ValueError as e:
             p.error(f"--variant {name}: {e}")
+    if not Path(args.data).is_file():
+        p.error(f"--data {args.data}: no such file")
     t_start = time.perf_counter()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
