@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import shutil
 import sys
@@ -51,6 +50,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import carlzoo
+from carlzoo.outputs import atomic_write
 from carlzoo.training.checkpoint import Checkpoint, save_checkpoint
 from carlzoo.training.config import ConfigError, config_to_dict, load_config
 from carlzoo.training.datasets import load_split
@@ -79,9 +79,8 @@ def shard_state(state: dict[str, torch.Tensor], out: Path) -> list[Path]:
     paths = []
     for i, shard in enumerate(shards):
         path = out / f"weights-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tmp = path.with_name(f"tmp-{path.name}")
-        save_file(shard, str(tmp))
-        os.replace(tmp, path)  # a run killed mid-write keeps the previous shard
+        # a run killed mid-write keeps the previous shard
+        atomic_write(path, lambda tmp, shard=shard: save_file(shard, str(tmp)))
         paths.append(path)
     return paths
 

@@ -1,10 +1,17 @@
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
 import torch
 
-from carlzoo.training.checkpoint import CheckpointError, load_checkpoint
+from carlzoo.training.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from carlzoo.training.config import load_config
 from carlzoo.training.datasets import DatasetError
 from carlzoo.training.run import load_run
@@ -198,6 +205,22 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="holds no checkpoint"):
         load_run(tmp_path)
+
+
+def test_checkpoint_is_replaced_whole_and_readable_as_the_umask_allows(tmp_path):
+    path = tmp_path / "ckpt" / "last.safetensors"
+    old = os.umask(0o027)
+    try:
+        save_checkpoint(path, Checkpoint(model={"w": torch.zeros(3)}, epoch=1))
+        save_checkpoint(path, Checkpoint(model={"w": torch.ones(3)}, epoch=2))
+    finally:
+        os.umask(old)
+    # safetensors on its own creates files 0600, unreadable by a run's group.
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert [p.name for p in path.parent.iterdir()] == ["last.safetensors"]  # no temp left
+    ckpt = load_checkpoint(path)
+    assert ckpt.epoch == 2
+    torch.testing.assert_close(ckpt.model["w"], torch.ones(3))
 
 
 def test_effective_prototypes_known_answers():

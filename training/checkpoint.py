@@ -8,7 +8,6 @@ epoch, step, config and metrics as JSON metadata.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from carlzoo.outputs import atomic_write
 
 __all__ = [
     "Checkpoint",
@@ -85,12 +86,9 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
         tensors.update(opt_tensors)
     tensors.update({f"rng.{k}": v for k, v in ckpt.rng.items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"carlzoo": json.dumps(meta)})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # atomic_write also gives the file the usual umask mode: safetensors alone creates 0600.
+    metadata = {"carlzoo": json.dumps(meta)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
