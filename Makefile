@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.carlzoo-installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-min lint clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,5 +22,19 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q
 
+# The suite on the oldest torch / torchvision that pyproject.toml admits (not part of `make test`:
+# it installs a second torch of several GB into .venv-min).
+MIN_VENV := .venv-min
+$(MIN_VENV)/.carlzoo-installed: pyproject.toml
+	python3 -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(MIN_VENV)/bin/python -m pip install --quiet "torch==2.11.*" "torchvision==0.26.*"
+	$(MIN_VENV)/bin/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+test-min: $(MIN_VENV)/.carlzoo-installed
+	$(MIN_VENV)/bin/python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	$(MIN_VENV)/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) build *.egg-info .pytest_cache .ruff_cache
