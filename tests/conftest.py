@@ -79,3 +79,17 @@ def local_hub():
             f"LocalHub answered {len(hub.errors)} request(s) with an internal "
             f"error; the first:\n{hub.errors[0]}"
         )
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models only lose time to threads on 2 cores.
+
+    Modules of tiny-model tests opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -247,37 +247,25 @@ class LocalHub:
     def head(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> str:
         """Commit sha that ``revision`` points to."""
         with self._lock:
-            commit = self._repo(repo_type, repo_id).resolve(revision)
-            if commit is None:
-                raise KeyError(f"{repo_id}: no revision {revision!r}")
-            return commit.sha
+            return self._revision(repo_type, repo_id, revision).sha
 
     def read_file(
         self, repo_id: str, path: str, revision: str = "main", repo_type: str = "model"
     ) -> bytes:
         with self._lock:
-            commit = self._repo(repo_type, repo_id).resolve(revision)
-            if commit is None or path not in commit.files:
-                raise KeyError(f"{repo_id}@{revision}: no file {path!r}")
-            return self._blobs[commit.files[path].sha256]
+            return self._blobs[self._file(repo_type, repo_id, revision, path).sha256]
 
     def list_files(
         self, repo_id: str, revision: str = "main", repo_type: str = "model"
     ) -> list[str]:
         with self._lock:
-            commit = self._repo(repo_type, repo_id).resolve(revision)
-            if commit is None:
-                raise KeyError(f"{repo_id}: no revision {revision!r}")
-            return sorted(commit.files)
+            return sorted(self._revision(repo_type, repo_id, revision).files)
 
     def is_lfs(
         self, repo_id: str, path: str, revision: str = "main", repo_type: str = "model"
     ) -> bool:
         with self._lock:
-            commit = self._repo(repo_type, repo_id).resolve(revision)
-            if commit is None or path not in commit.files:
-                raise KeyError(f"{repo_id}@{revision}: no file {path!r}")
-            return commit.files[path].lfs
+            return self._file(repo_type, repo_id, revision, path).lfs
 
     # ---- state (call with the lock held) ---------------------------------------------------
     def _repo(self, repo_type: str, repo_id: str) -> _Repo:
@@ -285,6 +273,18 @@ class LocalHub:
         if repo is None:
             raise _HubError(404, f"Repository {repo_id} not found", "RepoNotFound")
         return repo
+
+    def _revision(self, repo_type: str, repo_id: str, revision: str) -> _Commit:
+        commit = self._repo(repo_type, repo_id).resolve(revision)
+        if commit is None:
+            raise KeyError(f"{repo_id}: no revision {revision!r}")
+        return commit
+
+    def _file(self, repo_type: str, repo_id: str, revision: str, path: str) -> _File:
+        commit = self._repo(repo_type, repo_id).resolve(revision)
+        if commit is None or path not in commit.files:
+            raise KeyError(f"{repo_id}@{revision}: no file {path!r}")
+        return commit.files[path]
 
     def _store(self, data: bytes, lfs: bool) -> _File:
         sha = hashlib.sha256(data).hexdigest()

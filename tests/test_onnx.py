@@ -30,12 +30,7 @@ TINY = ModelConfig(width=4, num_prototypes=10, proj_hidden_dim=32, proj_dim=16)
 SIZE = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

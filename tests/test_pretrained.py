@@ -39,12 +39,7 @@ SIZE = 16
 PRE = Preprocessing(input_size=SIZE, resize_size=SIZE, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add overhead on a busy 2-core box
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 0) -> CARLModel:
