@@ -5,35 +5,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tiny import random_npz
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_train_throughput_cpu_smoke(tmp_path):
-    out = tmp_path / "figures.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "train_throughput.py"),
-            "--cpu-smoke",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "carlzoo / model-only" in result.stdout
-    assert "carlzoo / DataLoader(2 workers)" in result.stdout
-    figures = json.loads(out.read_text())["results"]
-    assert set(figures) == {"model", "carlzoo", "loader"}
-    assert all(v["images_per_s"] > 0 for v in figures.values())
 
 
 def _run_script(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT
     )
+
+
+def test_train_throughput_cpu_smoke(tmp_path):
+    out = tmp_path / "figures.json"
+    script = str(ROOT / "benchmarks" / "train_throughput.py")
+    result = _run_script(script, "--cpu-smoke", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "carlzoo / model-only" in result.stdout
+    assert "carlzoo / DataLoader(2 workers)" in result.stdout
+    figures = json.loads(out.read_text())["results"]
+    assert set(figures) == {"model", "carlzoo", "loader"}
+    assert all(v["images_per_s"] > 0 for v in figures.values())
 
 
 def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_path):
@@ -43,11 +35,7 @@ def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_
     from carlzoo.export.repo import export_model
     from carlzoo.training.run import load_run
 
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (192, 32, 32, 3), dtype=np.uint8)
-    y = rng.integers(0, 10, 192)
-    data = tmp_path / "c10.npz"
-    np.savez(data, x_train=x, y_train=y, x_test=x[:64], y_test=y[:64])
+    data = random_npz(tmp_path / "c10.npz", 192, size=32, classes=10, n_test=64)
     out = tmp_path / "out"
     script = str(ROOT / "benchmarks" / "gpu_cifar10.py")
     # A time limit that has passed by the end of epoch 1: the run must stop there, evaluate
@@ -100,6 +88,8 @@ def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_
     # --lossless measures again on another copy: those become the cifar10 results, and the
     # run's own stay under the name of the file it was trained and evaluated on.
     lossless = tmp_path / "lossless.npz"
+    with np.load(data) as z:
+        x, y = z["x_train"], z["y_train"]
     np.savez(lossless, x_train=x, y_train=y, x_test=x[64:128], y_test=y[64:128])
     result = _run_script(script, "--out", str(out), "--join", "--lossless", str(lossless))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -114,13 +104,7 @@ def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_
 
 
 def test_gpu_sweep_compares_variants_records_collapse_and_keeps_to_its_time(tmp_path):
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (256, 32, 32, 3), dtype=np.uint8)
-    y = rng.integers(0, 10, 256)
-    data = tmp_path / "c10.npz"
-    np.savez(data, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32])
+    data = random_npz(tmp_path / "c10.npz", 256, size=32, classes=10, n_test=32)
     script = str(ROOT / "benchmarks" / "gpu_sweep.py")
     common = [
         script, "--data", str(data), "--epochs", "3", "--knn-every", "1",

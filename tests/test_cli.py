@@ -1,5 +1,5 @@
-import numpy as np
 from click.testing import CliRunner
+from tiny import TINY_TRAIN_SETS, random_npz, set_args
 
 import carlzoo
 from carlzoo.cli.main import main
@@ -56,33 +56,19 @@ def test_train_missing_dataset_names_path(tmp_path):
 
 
 def test_train_command_runs_end_to_end(tmp_path):
-    rng = np.random.default_rng(1)
-    x = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
-    y = rng.integers(0, 2, 40)
-    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:8], y_test=y[:8])
+    data = random_npz(tmp_path / "d.npz", 40, size=16, classes=2, n_test=8, seed=1)
     args = [
         "train",
         "--dataset",
         "npz",
         "--data-root",
-        str(tmp_path / "d.npz"),
+        str(data),
         "--out",
         str(tmp_path / "run"),
         "--epochs",
         "1",
         "--no-progress",
-        "--set",
-        "model.width=4",
-        "--set",
-        "model.num_prototypes=10",
-        "--set",
-        "data.image_size=16",
-        "--set",
-        "optim.batch_size=16",
-        "--set",
-        "device=cpu",
-        "--set",
-        "knn_k=5",
+        *set_args(*TINY_TRAIN_SETS),
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hubserver import pick_free_port
 from safetensors.torch import load_file
+from tiny import TINY_TRAIN_SETS, random_npz, set_args
 
 from carlzoo.model import ModelConfig, build_model
 from carlzoo.training.loss import CARLLoss
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 240
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -32,7 +27,7 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1",
-        f"--master-port={free_port()}",
+        f"--master-port={pick_free_port()}",
         *args,
     ]
     result = subprocess.run(
@@ -74,10 +69,7 @@ def test_two_process_loss_and_gradients_equal_the_full_batch(tmp_path):
 
 
 def test_two_process_training_checkpoints_once_and_resumes(tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
-    y = rng.integers(0, 2, 64)
-    np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
+    data = random_npz(tmp_path / "d.npz", 64, size=16, classes=2, n_test=16)
     run = tmp_path / "run"
     common = [
         "-m",
@@ -86,26 +78,11 @@ def test_two_process_training_checkpoints_once_and_resumes(tmp_path):
         "--dataset",
         "npz",
         "--data-root",
-        str(tmp_path / "d.npz"),
+        str(data),
         "--out",
         str(run),
         "--no-progress",
-        "--set",
-        "model.width=4",
-        "--set",
-        "model.num_prototypes=10",
-        "--set",
-        "data.image_size=16",
-        "--set",
-        "optim.batch_size=16",
-        "--set",
-        "device=cpu",
-        "--set",
-        "knn_k=5",
-        "--set",
-        "knn_every=1",
-        "--set",
-        "checkpoint_every=1",
+        *set_args(*TINY_TRAIN_SETS, "knn_every=1", "checkpoint_every=1"),
     ]
     torchrun(*common, "--epochs", "3", "--stop-after", "2")
     rows = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]

@@ -12,9 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tiny import TINY
 
 from carlzoo.cli.zoo_cmd import assign, embed, info, list_cmd
-from carlzoo.model import ModelConfig, build_model
+from carlzoo.model import build_model
 from carlzoo.pretrained import (
     Preprocessing,
     PretrainedCARL,
@@ -23,7 +24,6 @@ from carlzoo.pretrained import (
     save_pretrained,
 )
 
-TINY = ModelConfig(width=4, num_prototypes=10, proj_hidden_dim=32, proj_dim=16)
 GOOD = [
     "cmyk.jpg",
     "exif_rotated.jpg",

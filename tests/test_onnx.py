@@ -10,11 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from tiny import SIZE, TINY
 
 from carlzoo.cli.zoo_cmd import assign, embed
 from carlzoo.export import onnx as onnx_export
 from carlzoo.export.onnx import add_onnx, export_onnx, main, onnx_parity
-from carlzoo.model import CARLModel, ModelConfig, build_model
+from carlzoo.model import CARLModel, build_model
 from carlzoo.pretrained import (
     OnnxCARL,
     Preprocessing,
@@ -25,10 +26,6 @@ from carlzoo.pretrained import (
     load,
     save_pretrained,
 )
-
-TINY = ModelConfig(width=4, num_prototypes=10, proj_hidden_dim=32, proj_dim=16)
-SIZE = 16
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,11 +16,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from tiny import SIZE, TINY
 
 import carlzoo
 from carlzoo import registry
 from carlzoo.images import ImageTransform
-from carlzoo.model import CARLModel, ModelConfig, build_model
+from carlzoo.model import CARLModel, build_model
 from carlzoo.pretrained import (
     Assignment,
     Preprocessing,
@@ -34,8 +35,6 @@ from carlzoo.pretrained import (
 )
 from carlzoo.registry import ZooEntry, sha256_file
 
-TINY = ModelConfig(width=4, num_prototypes=10, proj_hidden_dim=32, proj_dim=16)
-SIZE = 16
 PRE = Preprocessing(input_size=SIZE, resize_size=SIZE, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
 
 

@@ -5,6 +5,7 @@ import stat
 import numpy as np
 import pytest
 import torch
+from tiny import random_npz
 
 from carlzoo.training.checkpoint import (
     Checkpoint,
@@ -20,12 +21,8 @@ from carlzoo.training.train import CollapseError, cosine_schedule, effective_pro
 
 @pytest.fixture(scope="module")
 def tiny_npz(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (96, 16, 16, 3), dtype=np.uint8)
-    y = rng.integers(0, 3, 96)
     path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=x, y_train=y, x_test=x[:32], y_test=y[:32])
-    return path
+    return random_npz(path, 96, size=16, classes=3, n_test=32)
 
 
 def tiny_config(root, *extra: str):

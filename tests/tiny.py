@@ -1,0 +1,38 @@
+"""Small shared test inputs: the tiny network and the random ``.npz`` datasets tests train on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from carlzoo.model import ModelConfig
+
+TINY = ModelConfig(width=4, num_prototypes=10, proj_hidden_dim=32, proj_dim=16)
+SIZE = 16
+
+# `carlzoo train --set` overrides for a 16 px, width-4 run on the CPU with a 5-NN monitor.
+TINY_TRAIN_SETS = (
+    "model.width=4",
+    "model.num_prototypes=10",
+    "data.image_size=16",
+    "optim.batch_size=16",
+    "device=cpu",
+    "knn_k=5",
+)
+
+
+def set_args(*overrides: str) -> list[str]:
+    """``["--set", a, "--set", b, ...]`` for the command line."""
+    return [arg for kv in overrides for arg in ("--set", kv)]
+
+
+def random_npz(
+    path: Path, n: int, *, size: int, classes: int, n_test: int, seed: int = 0
+) -> Path:
+    """An ``.npz`` dataset of ``n`` random uint8 images; the test split is the first ``n_test``."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    y = rng.integers(0, classes, n)
+    np.savez(path, x_train=x, y_train=y, x_test=x[:n_test], y_test=y[:n_test])
+    return path
