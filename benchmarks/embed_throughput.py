@@ -42,6 +42,7 @@ from carlzoo.cli.zoo_cmd import embed
 from carlzoo.export.onnx import export_onnx
 from carlzoo.images import read_image
 from carlzoo.model import ModelConfig, build_model
+from carlzoo.outputs import atomic_write_text
 from carlzoo.pretrained import Preprocessing, ZooConfig, load, save_pretrained
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -237,7 +238,7 @@ def main() -> int:
             f"alternate, best of {args.repeats} each."
         )
     if args.json:
-        Path(args.json).write_text(json.dumps({**info, "results": results}, indent=2) + "\n")
+        atomic_write_text(args.json, json.dumps({**info, "results": results}, indent=2) + "\n")
     return 0
 
 

@@ -50,7 +50,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import carlzoo
-from carlzoo.outputs import atomic_write
+from carlzoo.outputs import atomic_write, atomic_write_text
 from carlzoo.training.checkpoint import Checkpoint, save_checkpoint
 from carlzoo.training.config import ConfigError, config_to_dict, load_config
 from carlzoo.training.datasets import load_split
@@ -246,7 +246,7 @@ def join(out: Path, lossless: Path | None = None) -> Path:
     run = out / "run"
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     shutil.copy(out / "config.yaml", run / "config.yaml")
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     save_checkpoint(
         run / "checkpoints" / "last.safetensors",
         Checkpoint(
@@ -289,7 +289,7 @@ def join(out: Path, lossless: Path | None = None) -> Path:
                     f"{protocol} on {lossless.name}: {top1:.2f}% ({time.perf_counter() - t0:.0f} s)"
                 )
         evaluations = measured + evaluations
-    (run / "eval.json").write_text(json.dumps(evaluations, indent=2))
+    atomic_write_text(run / "eval.json", json.dumps(evaluations, indent=2))
     print(f"rebuilt {run} from {len(shards)} shard(s)")
     return run
 
@@ -406,7 +406,7 @@ def main() -> None:
         "command": portable_command(sys.argv),
         "time_limit_s": args.time_limit or None,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
     shards = shard_state(model.state_dict(), out)
     print(
         f"kNN top-1 {knn['top1']:.2f}%  linear top-1 {linear['top1']:.2f}%  "

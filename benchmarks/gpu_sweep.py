@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 import carlzoo
+from carlzoo.outputs import atomic_write_text
 from carlzoo.training.config import load_config
 from carlzoo.training.run import read_metrics
 from carlzoo.training.train import CollapseError, train
@@ -122,9 +123,8 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, default=float)
+    atomic_write_text(path, text)
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ import torchvision
 
 import carlzoo
 from carlzoo.model import ModelConfig, build_model
+from carlzoo.outputs import atomic_write_text
 from carlzoo.training.augment import AUGMENT_PRESETS
 from carlzoo.training.config import TrainConfig
 from carlzoo.training.data import DataLoaderPipeline, DevicePipeline
@@ -243,7 +244,8 @@ def main() -> None:
         r23 = results["carlzoo"]["images_per_s"] / results["loader"]["images_per_s"]
         print(f"  ratio    carlzoo / DataLoader({args.workers} workers) = {r23:.2f}")
     if args.json:
-        Path(args.json).write_text(
+        atomic_write_text(
+            args.json,
             json.dumps(
                 {
                     "args": vars(args),

@@ -37,6 +37,7 @@ __all__ = [
     "FORMATS",
     "OutputError",
     "atomic_write",
+    "atomic_write_text",
     "output_format",
     "write_embeddings",
     "write_assignments",
@@ -69,6 +70,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write` of ``text`` as UTF-8."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _umask() -> int:
@@ -120,7 +126,7 @@ def _str_array(values: Sequence[str]) -> np.ndarray:
 
 
 def _write_text_lines(path: Path, lines: Sequence[str]) -> None:
-    atomic_write(path, lambda p: p.write_text("".join(f"{x}\n" for x in lines), encoding="utf-8"))
+    atomic_write_text(path, "".join(f"{x}\n" for x in lines))
 
 
 def _one_line(text: str) -> str:

@@ -45,7 +45,7 @@ from torch import Tensor
 from carlzoo import registry
 from carlzoo.images import ImageTransform, read_image
 from carlzoo.model import CARLModel, ModelConfig
-from carlzoo.outputs import atomic_write
+from carlzoo.outputs import atomic_write, atomic_write_text
 from carlzoo.registry import ZooError
 
 __all__ = [
@@ -64,7 +64,6 @@ __all__ = [
     "read_config",
     "load",
     "cache_root",
-    "atomic_write",
 ]
 
 FORMAT = "carlzoo/1"
@@ -440,7 +439,7 @@ def save_pretrained(
         stale_onnx.unlink()
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
     text = json.dumps(cfg.to_dict(), indent=2, sort_keys=False) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write_text(directory / CONFIG_NAME, text)
     return directory
 
 

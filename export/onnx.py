@@ -235,20 +235,17 @@ def add_onnx(
     model = from_pretrained(directory, backend="torch")
     size = model.config.preprocessing.input_size
     out = directory / ONNX_NAME if out is None else Path(out)
-    tmp = out.with_name(f".{out.name}.export.tmp")
-    try:
+
+    def write(tmp: Path) -> None:  # the export is checked before it replaces `out`
         export_onnx(model, tmp, input_size=size, opset=opset, dtype=dtype)
         if check:
             g = torch.Generator().manual_seed(0)
             x = torch.randn(4, 3, size, size, generator=g)
-            res = onnx_parity(model, tmp, x)
-            failure = parity_failure(res, PARITY_TOL[dtype])
+            failure = parity_failure(onnx_parity(model, tmp, x), PARITY_TOL[dtype])
             if failure:
                 raise ValueError(f"ONNX export of {directory} differs from PyTorch: {failure}")
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+
+    return atomic_write(out, write)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from carlzoo.model import ModelConfig
+from carlzoo.outputs import atomic_write_text
 from carlzoo.training.augment import AugmentConfig
 
 __all__ = [
@@ -273,7 +274,5 @@ def load_config(
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    atomic_write_text(path, text)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carlzoo.model import CARLModel
-from carlzoo.outputs import atomic_write
+from carlzoo.outputs import atomic_write, atomic_write_text
 from carlzoo.training.augment import AugmentConfig, BatchAugment
 from carlzoo.training.dist import resolve_device
 from carlzoo.training.features import extract_features, normalize_uint8
@@ -657,4 +657,4 @@ def write_json(result: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from carlzoo.model import CARLModel, build_model
-from carlzoo.outputs import atomic_write
+from carlzoo.outputs import atomic_write_text
 from carlzoo.training import dist
 from carlzoo.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from carlzoo.training.config import TrainConfig, config_to_dict, save_config
@@ -202,7 +202,7 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
         return
     text = "".join(json.dumps(r) + "\n" for r in read_metrics(path, last_epoch))
     if text != path.read_text():
-        atomic_write(path, lambda p: p.write_text(text))
+        atomic_write_text(path, text)
 
 
 def _rng_state(device: torch.device) -> dict[str, Tensor]:
