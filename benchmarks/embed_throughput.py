@@ -44,6 +44,7 @@ from carlzoo.images import read_image
 from carlzoo.model import ModelConfig, build_model
 from carlzoo.outputs import atomic_write_text
 from carlzoo.pretrained import Preprocessing, ZooConfig, load, save_pretrained
+from carlzoo.training.datasets import load_split
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -51,7 +52,9 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", required=True, help="cifar10.npz (x_test is used)")
+    p.add_argument(
+        "--data", required=True, help="CIFAR-10 .npz, plain or WebP-encoded (its test split)"
+    )
     p.add_argument("--n", type=int, default=512, help="images (default 512)")
     p.add_argument("--size", type=int, default=32, help="model input and PNG size (default 32)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -110,8 +113,7 @@ def header(args: argparse.Namespace, device: str, model_desc: str) -> dict:
 
 
 def write_pngs(data: str, n: int, size: int, folder: Path) -> list[Path]:
-    with np.load(data) as z:
-        x = z["x_test"][:n]
+    x = load_split("npz", data, "test").images[:n]  # plain or WebP-encoded arrays
     if len(x) < n:
         raise SystemExit(f"{data} has only {len(x)} test images, asked for --n {n}")
     folder.mkdir(parents=True)
