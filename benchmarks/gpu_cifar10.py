@@ -369,7 +369,8 @@ def main() -> None:
             probe=lambda m: evaluate(m, cfg, train_set, test_set, device),
         )
         t0 = time.perf_counter()
-        train(cfg, run, progress=False, on_epoch_end=watch)  # watch copies the log to out
+        splits = {"pretrain": train_set, "test": test_set}  # decoded once, above
+        train(cfg, run, progress=False, on_epoch_end=watch, splits=splits)  # log copied to out
         train_time = time.perf_counter() - t0
         model, cfg, _ = load_run(run)
 

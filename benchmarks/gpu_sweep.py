@@ -35,6 +35,7 @@ import torch
 import carlzoo
 from carlzoo.outputs import atomic_write_text
 from carlzoo.training.config import load_config
+from carlzoo.training.datasets import ImageArrays, load_split
 from carlzoo.training.run import read_metrics
 from carlzoo.training.train import CollapseError, train
 
@@ -60,10 +61,16 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 
 
 def run_variant(
-    name: str, changes: list[str], args: argparse.Namespace, seconds: float
+    name: str,
+    changes: list[str],
+    args: argparse.Namespace,
+    seconds: float,
+    splits: dict[str, ImageArrays],
 ) -> dict[str, Any]:
+    """Train one variant; ``splits`` are --data's splits, decoded once for every variant."""
+    root = str(Path(args.data).resolve())
     base = [
-        f"data.root={Path(args.data).resolve()}",
+        f"data.root={root}",
         "data.dataset=cifar10",
         f"epochs={args.epochs}",
         f"knn_every={args.knn_every}",
@@ -77,6 +84,8 @@ def run_variant(
             Path(tmp) / "run",
             progress=False,
             on_epoch_end=lambda record, model: guard.tick(record["epoch"]) is not None,
+            # unless the variant trains on other data
+            splits=splits if (cfg.data.dataset, cfg.data.root) == ("cifar10", root) else None,
         )
         rows = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
     curve = [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r]
@@ -165,6 +174,7 @@ def main() -> None:
         "carlzoo": carlzoo.__version__,
         "command": portable_command(sys.argv),
     }
+    splits = {split: load_split("cifar10", args.data, split) for split in ("pretrain", "test")}
     rows: list[dict[str, Any]] = []
     for i, (name, changes) in enumerate(args.variants):
         left = (args.time_limit - (time.perf_counter() - t_start)) if args.time_limit else None
@@ -173,7 +183,7 @@ def main() -> None:
             f"== variant {name} ({', '.join(changes) or 'the recipe'}), {share:.0f} s", flush=True
         )
         try:
-            row = run_variant(name, changes, args, share)
+            row = run_variant(name, changes, args, share, splits)
         except (CollapseError, FloatingPointError) as e:  # a collapse or NaN is a result too
             kind = "collapsed" if isinstance(e, CollapseError) else "loss not finite"
             row = {"name": name, "changes": changes, "error": kind, "message": str(e)}

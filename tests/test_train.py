@@ -14,7 +14,7 @@ from carlzoo.training.checkpoint import (
     save_checkpoint,
 )
 from carlzoo.training.config import load_config
-from carlzoo.training.datasets import DatasetError
+from carlzoo.training.datasets import DatasetError, load_split
 from carlzoo.training.run import load_run
 from carlzoo.training.train import CollapseError, cosine_schedule, effective_prototypes, train
 
@@ -96,6 +96,26 @@ def test_resume_continues_with_the_same_losses(tmp_path, tiny_npz):
     wa = load_checkpoint(full / "checkpoints" / "last.safetensors").model
     wb = load_checkpoint(split / "checkpoints" / "last.safetensors").model
     torch.testing.assert_close(wa, wb)
+
+
+def test_splits_given_by_the_caller_are_trained_on_instead_of_reading_the_dataset(
+    tmp_path, tiny_npz
+):
+    cfg = tiny_config(tiny_npz, "knn_every=1")
+    splits = {s: load_split("npz", tiny_npz, s) for s in ("pretrain", "test")}
+    train(cfg, tmp_path / "read", progress=False)
+    moved = tiny_npz.with_name("moved.npz")
+    tiny_npz.rename(moved)  # the run below cannot read the dataset file
+    try:
+        train(cfg, tmp_path / "given", progress=False, splits=splits)
+        with pytest.raises(DatasetError, match="tiny.npz"):  # and it would have had to
+            train(cfg, tmp_path / "unread", progress=False)
+    finally:
+        moved.rename(tiny_npz)
+    a, b = read_metrics(tmp_path / "read"), read_metrics(tmp_path / "given")
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("loss", "knn_top1", "step"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-6, abs=1e-7), key
 
 
 def test_on_epoch_end_sees_each_epoch_and_can_end_the_run(tmp_path, tiny_npz):

@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,10 +139,20 @@ def training_step(
     return terms, logits
 
 
-def _load_data(cfg: TrainConfig) -> tuple[ImageArrays, ImageArrays | None, ImageArrays | None]:
+def _load_data(
+    cfg: TrainConfig, splits: Mapping[str, ImageArrays] | None = None
+) -> tuple[ImageArrays, ImageArrays | None, ImageArrays | None]:
     d = cfg.data
     size = d.image_size if d.dataset in ("imagefolder", "folder") else None
-    full = load_split(d.dataset, d.root, "pretrain", download=d.download, image_size=size)
+    loaded = dict(splits or {})
+
+    def split(name: str) -> ImageArrays:
+        if name not in loaded:
+            download = d.download and name == "pretrain"
+            loaded[name] = load_split(d.dataset, d.root, name, download=download, image_size=size)
+        return loaded[name]
+
+    full = split("pretrain")
     pretrain = full
     if d.subset:
         pretrain = ImageArrays(
@@ -157,8 +167,8 @@ def _load_data(cfg: TrainConfig) -> tuple[ImageArrays, ImageArrays | None, Image
         if full.labels is not None:
             train_l = full
         else:
-            train_l = load_split(d.dataset, d.root, "train", image_size=size)
-        test = load_split(d.dataset, d.root, "test", image_size=size)
+            train_l = split("train")
+        test = split("test")
         if train_l.labels is None or test.labels is None:
             train_l = test = None
         elif len(train_l) > cfg.knn_max_train:
@@ -229,6 +239,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     on_epoch_end: Callable[[dict[str, Any], CARLModel], bool | None] | None = None,
+    splits: Mapping[str, ImageArrays] | None = None,
 ) -> dict[str, Any]:
     """Train CARL as ``cfg`` says, writing config, metrics and checkpoints to ``out_dir``.
 
@@ -237,7 +248,9 @@ def train(
     ``on_epoch_end(record, model)`` is called on every process after each epoch's metrics
     line is written, with that line (kNN fields on rank 0 only) and the unwrapped model; a
     true return value on any process ends the run there on every process, with the epoch's
-    checkpoint written. Returns the last epoch's metrics.
+    checkpoint written. ``splits`` holds splits of ``cfg.data`` the caller has already
+    loaded, by :func:`load_split`'s split name (``"pretrain"``, ``"train"``, ``"test"``);
+    they are used instead of reading the dataset again. Returns the last epoch's metrics.
     """
     out_dir = Path(out_dir)
     # ---- distributed and device -------------------------------------------------------
@@ -270,7 +283,7 @@ def train(
     dist.barrier()
 
     # ---- data -------------------------------------------------------------------------
-    pretrain, train_l, test = _load_data(cfg)
+    pretrain, train_l, test = _load_data(cfg, splits)
     common = dict(
         seed=cfg.seed,
         rank=rank,
