@@ -293,9 +293,9 @@ def real_parity_images(cfg: Any, preprocessing: Any, n: int = 8) -> tuple[Tensor
     transform = preprocessing.make_transform()
     d = cfg.data
     try:
-        from carlzoo.training.datasets import load_split
+        from carlzoo.training.datasets import FOLDER_DATASETS, load_split
 
-        size = d.image_size if d.dataset in ("imagefolder", "folder") else None
+        size = d.image_size if d.dataset in FOLDER_DATASETS else None
         split = load_split(d.dataset, d.root, "test", image_size=size)
         if len(split):
             arrays = split.images[:n]

@@ -28,6 +28,7 @@ from PIL import Image
 __all__ = [
     "DATASETS",
     "DEFAULT_IMAGE_SIZE",
+    "FOLDER_DATASETS",
     "IMAGE_EXTENSIONS",
     "NUM_CLASSES",
     "SPLITS",
@@ -49,6 +50,8 @@ DATASETS: tuple[str, ...] = (
     "npz",
 )
 SPLITS: tuple[str, ...] = ("pretrain", "train", "test")
+# Images of any size, so load_split needs an image_size for them.
+FOLDER_DATASETS: tuple[str, ...] = ("imagefolder", "folder")
 DEFAULT_IMAGE_SIZE: dict[str, int] = {
     "cifar10": 32,
     "cifar100": 32,
@@ -137,8 +140,8 @@ def load_split(
     # dataset's real name rather than "npz".
     loader = (
         _LOADERS["npz"]
-        if root.suffix == ".npz" and name not in _FOLDER_DATASETS
-        else (_LOADERS[name])
+        if root.suffix == ".npz" and name not in FOLDER_DATASETS
+        else _LOADERS[name]
     )
     data = loader(name, root, split, download, image_size)
     if name == "stl10" and loader is _LOADERS["npz"] and split == "pretrain":
@@ -146,8 +149,6 @@ def load_split(
     log.debug("%s/%s from %s: %d images of %s", name, split, root, len(data), data.images.shape)
     return data
 
-
-_FOLDER_DATASETS = ("imagefolder", "folder")
 
 # --------------------------------------------------------------------------------------------
 # Locating releases and downloading them

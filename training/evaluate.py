@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import re
@@ -41,9 +42,11 @@ from torch import Tensor, nn
 from carlzoo.model import CARLModel
 from carlzoo.outputs import atomic_write, atomic_write_text
 from carlzoo.training.augment import AugmentConfig, BatchAugment
+from carlzoo.training.datasets import FOLDER_DATASETS
 from carlzoo.training.dist import resolve_device
 from carlzoo.training.features import extract_features, normalize_uint8
 from carlzoo.training.knn import knn_accuracy, topk_accuracy
+from carlzoo.training.train import cosine_schedule, decay_groups
 
 __all__ = [
     "PROTOCOLS",
@@ -72,9 +75,6 @@ PROTOCOLS: tuple[str, ...] = ("knn", "linear", "semi1", "semi10", "finetune", "c
 LAYERS: tuple[str, ...] = ("backbone", "projection")
 SEMI_FRACTIONS: dict[str, float] = {"semi1": 0.01, "semi10": 0.1, "finetune": 1.0}
 DEFAULT_EPOCHS: dict[str, int] = {"semi1": 60, "semi10": 30, "finetune": 30}
-FINETUNE_DEFAULTS: dict[str, Any] = {"optimizer": "sgd_nesterov", "lr": 0.05, "momentum": 0.9,
-                                     "weight_decay": 5e-4, "augment": "crop_flip",
-                                     "crop_scale": (0.2, 1.0)}
 
 
 class ProbeError(ValueError):
@@ -378,12 +378,8 @@ def finetune_classifier(model: CARLModel, images: np.ndarray, labels: np.ndarray
     dev = resolve_device(device)
     torch.manual_seed(seed)
     clf = _Classifier(copy.deepcopy(model).float(), num_classes, layer).to(dev)
-    params = clf.trainable()
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=lr, momentum=momentum, nesterov=momentum > 0)
+    opt = torch.optim.SGD(decay_groups(clf.trainable(), weight_decay), lr=lr, momentum=momentum,
+                          nesterov=momentum > 0)
     aug = BatchAugment(AugmentConfig(crop_scale=crop_scale, jitter_p=0.0, grayscale_p=0.0,
                                      blur_p=0.0, mean=tuple(mean), std=tuple(std)), size)
     x_all = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (N, 3, H, W)
@@ -393,7 +389,7 @@ def finetune_classifier(model: CARLModel, images: np.ndarray, labels: np.ndarray
         raise ProbeError(f"fine-tuning needs at least 2 labelled images, got {n}")
     # round(n / batch) near-equal batches per epoch: every image is used, none is tiny (BN).
     steps_per_epoch = max(1, round(n / batch_size))
-    total = steps_per_epoch * epochs
+    lrs = cosine_schedule(lr, 0.0, steps_per_epoch * epochs)  # per step, down to 0
     g_cpu = torch.Generator().manual_seed(seed)
     g_dev = torch.Generator(device=dev).manual_seed(seed + 1)
     step = 0
@@ -409,9 +405,8 @@ def finetune_classifier(model: CARLModel, images: np.ndarray, labels: np.ndarray
                 x = normalize_uint8(x, mean, std, size)
                 if augment == "flip":
                     x = _flip(x, g_dev)
-            cur = 0.5 * lr * (1.0 + math.cos(math.pi * step / max(total, 1)))
             for group in opt.param_groups:
-                group["lr"] = cur
+                group["lr"] = float(lrs[step])
             loss = F.cross_entropy(clf(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -421,6 +416,16 @@ def finetune_classifier(model: CARLModel, images: np.ndarray, labels: np.ndarray
             raise FloatingPointError(f"fine-tuning diverged (loss {float(loss.detach())}); "
                                      "lower lr")
     return clf.eval()
+
+
+# What a fine-tuning result records as its settings: finetune_classifier's own defaults.
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "optimizer": "sgd_nesterov",
+    **{
+        key: inspect.signature(finetune_classifier).parameters[key].default
+        for key in ("lr", "momentum", "weight_decay", "augment", "crop_scale")
+    },
+}
 
 
 @torch.no_grad()
@@ -450,7 +455,8 @@ def semi_supervised_eval(model: CARLModel, train_images: np.ndarray, train_label
     c = _num_classes(torch.from_numpy(ytr), torch.from_numpy(yte), num_classes=num_classes)
     idx = balanced_subset(ytr, fraction, seed)
     if epochs is None:
-        epochs = 60 if fraction <= 0.01 else 30
+        semi1 = fraction <= SEMI_FRACTIONS["semi1"]
+        epochs = DEFAULT_EPOCHS["semi1"] if semi1 else DEFAULT_EPOCHS["semi10"]
     t0 = time.perf_counter()
     clf = finetune_classifier(model, train_images[idx], ytr[idx], num_classes=c, mean=mean,
                               std=std, size=size, epochs=epochs, batch_size=batch_size,
@@ -582,7 +588,7 @@ def run_probe(model: str | Path | ProbeModel, dataset: str, data_root: str | Pat
     pm = load_probe_model(model)
     # The dataset readers resize (shorter side, then a centre crop) when given a size; folders
     # of images always need one.
-    size_arg = pm.input_size if resize or dataset in ("imagefolder", "folder") else None
+    size_arg = pm.input_size if resize or dataset in FOLDER_DATASETS else None
     test = _load_labelled(dataset, data_root, "test", download=download, image_size=size_arg)
     test_x = _check_size(pm, dataset, test)
     train = None

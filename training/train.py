@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from carlzoo.training import dist
 from carlzoo.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from carlzoo.training.config import TrainConfig, config_to_dict, save_config
 from carlzoo.training.data import DataLoaderPipeline, DevicePipeline
-from carlzoo.training.datasets import ImageArrays, load_split
+from carlzoo.training.datasets import FOLDER_DATASETS, ImageArrays, load_split
 from carlzoo.training.dist import resolve_device
 from carlzoo.training.features import extract_features
 from carlzoo.training.knn import knn_accuracy
@@ -63,20 +63,24 @@ def cosine_schedule(
     return np.concatenate([warmup, cosine])
 
 
+def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
+    """Optimiser groups: ``weight_decay`` on weights, none on norms and biases (1-d tensors)."""
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, device: torch.device
 ) -> torch.optim.Optimizer:
     """SGD with momentum or LARS; no weight decay (and no LARS adaptation) on norms and biases."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
     o = cfg.optim
-    groups = [
-        {"params": decay, "weight_decay": o.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    groups = decay_groups(model.parameters(), o.weight_decay)
     if o.optimizer == "lars":
         # timm's LARS adapts only groups with weight decay (always_adapt=False), which
         # excludes norms and biases as in SimCLR / BYOL.
@@ -143,7 +147,7 @@ def _load_data(
     cfg: TrainConfig, splits: Mapping[str, ImageArrays] | None = None
 ) -> tuple[ImageArrays, ImageArrays | None, ImageArrays | None]:
     d = cfg.data
-    size = d.image_size if d.dataset in ("imagefolder", "folder") else None
+    size = d.image_size if d.dataset in FOLDER_DATASETS else None
     loaded = dict(splits or {})
 
     def split(name: str) -> ImageArrays:
