@@ -64,11 +64,12 @@ SHARD_BYTES = 15 * 2**20
 
 
 def shard_state(state: dict[str, torch.Tensor], out: Path) -> list[Path]:
-    """float16 weights (BatchNorm statistics and counters kept as they are) in <15 MiB shards."""
+    """float16 weights (integer counters and BatchNorm statistics kept as they are) in <15 MiB
+    shards."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():
-        keep = "running_" in name or "num_batches_tracked" in name or not t.is_floating_point()
+        keep = not t.is_floating_point() or name.endswith(("running_mean", "running_var"))
         t = (t if keep else t.half()).detach().contiguous().cpu()
         nbytes = t.numel() * t.element_size()
         if size + nbytes > SHARD_BYTES and shards[-1]:
