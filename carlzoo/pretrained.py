@@ -759,11 +759,7 @@ def load(
         hub = registry.REPO_ID.match(text)
         hint = f" (for a Hub repository write 'hf-hub:{text}')" if hub else ""
         raise ZooError(f"model folder {text} does not exist{hint}")
-    import difflib
-
-    close = difflib.get_close_matches(text, list(registry.REGISTRY), n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
     raise ZooError(
         f"{text!r} is not a zoo model, a local folder or hf-hub:org/repo[@revision]: "
-        f"{hint}zoo models: {', '.join(registry.list_models())}"
+        f"{registry.did_you_mean(text)}zoo models: {', '.join(registry.list_models())}"
     )

@@ -28,6 +28,7 @@ __all__ = [
     "BUNDLED_DIR",
     "list_models",
     "get_entry",
+    "did_you_mean",
     "bundled_path",
     "registry_table",
     "sha256_file",
@@ -129,11 +130,16 @@ def get_entry(name: str) -> ZooEntry:
     try:
         return REGISTRY[name]
     except KeyError:
-        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
         raise ZooError(
-            f"unknown zoo model {name!r}: {hint}known models: {', '.join(list_models())}"
+            f"unknown zoo model {name!r}: {did_you_mean(name)}known models: "
+            f"{', '.join(list_models())}"
         ) from None
+
+
+def did_you_mean(name: str) -> str:
+    """``"did you mean 'carl-cifar10'? "`` for the closest zoo name, or ``""``."""
+    close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
 
 
 def bundled_path(name: str) -> Path | None:

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+# For --help only (evaluate.PROTOCOLS, which run_probe checks, would import torch here).
 _PROTOCOLS = ("knn", "linear", "semi1", "semi10", "finetune", "cluster")
 
 
@@ -63,9 +64,6 @@ def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path
     from carlzoo.training.checkpoint import CheckpointError
     from carlzoo.training.datasets import DatasetError
 
-    if protocol not in _PROTOCOLS:
-        raise click.ClickException(f"unknown protocol {protocol!r}; valid: "
-                                   f"{', '.join(_PROTOCOLS)}")
     if batch_size < 1 or k < 1 or t <= 0 or (epochs is not None and epochs < 1):
         raise click.ClickException("--batch-size, --k and --epochs must be >= 1 and --t > 0")
     try:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from carlzoo.cli import probe_cmd
 from carlzoo.cli.probe_cmd import probe
 from carlzoo.model import ModelConfig, build_model
 from carlzoo.training import evaluate
@@ -284,6 +285,8 @@ def test_errors_are_one_line(tiny_run, tmp_path):
     bad = runner.invoke(probe, base + ["--dataset", "npz", "--data-root", str(data),
                                        "--protocol", "nearest"])
     assert bad.exit_code == 1 and "unknown protocol" in bad.output
+    assert "valid: knn, linear" in bad.output and "Traceback" not in bad.output
+    assert probe_cmd._PROTOCOLS == evaluate.PROTOCOLS  # what --help lists is what runs
     with pytest.raises(evaluate.ProbeError, match="unknown protocol"):
         evaluate.run_probe(run, "npz", data, "nearest")
 

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from carlzoo.images import IMAGE_EXTENSIONS  # the same files for training and for embedding
+
 __all__ = [
     "DATASETS",
     "DEFAULT_IMAGE_SIZE",
@@ -66,7 +68,6 @@ NUM_CLASSES: dict[str, int] = {
     "tinyimagenet": 200,
     "imagenet64": 1000,
 }
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class DatasetError(ValueError):
