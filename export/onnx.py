@@ -198,6 +198,11 @@ the convolutions before the weights are rounded, so ONNX and the float16-restore
 model round different numbers (measured: 1.4e-3 of the output scale)."""
 
 
+def parity_inputs(size: int, n: int = 4) -> Tensor:
+    """The random inputs parity checks run on: ``n`` seeded N(0, 1) images of ``size`` px."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
 def parity_failure(res: dict[str, float], tol: float = 1e-4) -> str | None:
     """Why an :func:`onnx_parity` result fails, or None when it passes.
 
@@ -239,9 +244,8 @@ def add_onnx(
     def write(tmp: Path) -> None:  # the export is checked before it replaces `out`
         export_onnx(model, tmp, input_size=size, opset=opset, dtype=dtype)
         if check:
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn(4, 3, size, size, generator=g)
-            failure = parity_failure(onnx_parity(model, tmp, x), PARITY_TOL[dtype])
+            res = onnx_parity(model, tmp, parity_inputs(size))
+            failure = parity_failure(res, PARITY_TOL[dtype])
             if failure:
                 raise ValueError(f"ONNX export of {directory} differs from PyTorch: {failure}")
 

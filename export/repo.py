@@ -45,6 +45,14 @@ import torch
 from torch import Tensor
 
 from carlzoo.export.card import DATASET_TITLES, CardContext, Result, render_model_card
+from carlzoo.export.onnx import (
+    DEFAULT_OPSET,
+    PARITY_TOL,
+    export_onnx,
+    onnx_parity,
+    parity_failure,
+    parity_inputs,
+)
 from carlzoo.registry import sha256_file
 
 __all__ = [
@@ -328,8 +336,6 @@ def check_parity(
 
     The verdict is :func:`carlzoo.export.onnx.parity_failure` with limit ``tol``.
     """
-    from carlzoo.export.onnx import onnx_parity, parity_failure
-
     out: dict[str, Any] = {"tol": tol, "real": None}
     checks = [("random", random_inputs, f"{len(random_inputs)} random N(0, 1) inputs")]
     if real is not None:
@@ -456,8 +462,7 @@ def export_model(
 
     staging = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     folder = staging / out_dir.name
-    g = torch.Generator().manual_seed(0)
-    random_x = torch.randn(4, 3, size, size, generator=g)
+    random_x = parity_inputs(size)
     try:
         staging.mkdir()
         save_pretrained(model, folder, zoo_cfg, dtype=dtype)
@@ -473,8 +478,6 @@ def export_model(
             )
         parity = None
         if onnx:
-            from carlzoo.export.onnx import DEFAULT_OPSET, export_onnx
-
             used_opset = DEFAULT_OPSET if opset is None else int(opset)
             if real_images is not None:
                 from carlzoo.images import read_image
@@ -496,8 +499,6 @@ def export_model(
                     f"{type(e).__name__}: {_one_line(e)[:300]}"
                 ) from None
             try:
-                from carlzoo.export.onnx import PARITY_TOL
-
                 tol = PARITY_TOL[dtype] if parity_tol is None else parity_tol
                 parity = check_parity(reloaded, folder / "model.onnx", random_x, real, tol)
             except ExportError:

@@ -341,12 +341,12 @@ def test_existing_output_needs_overwrite(run_dir: Path, tmp_path: Path) -> None:
 def test_failed_onnx_export_leaves_nothing(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import carlzoo.export.onnx
+    import carlzoo.export.repo
 
     def broken(*args, **kwargs):
         raise RuntimeError("exporter exploded\nwith a long traceback")
 
-    monkeypatch.setattr(carlzoo.export.onnx, "export_onnx", broken)
+    monkeypatch.setattr(carlzoo.export.repo, "export_onnx", broken)
     msg = _error(_cli(export, [str(run_dir), "--out", str(tmp_path / "m")]))
     assert "ONNX export (opset 18) failed: RuntimeError: exporter exploded with" in msg
     assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path) == []
