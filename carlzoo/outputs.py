@@ -146,7 +146,7 @@ def _write(
     npy: np.ndarray,
     header: list[str],
     rows: list[list[str]],
-    table: Callable[[], object],
+    columns: Callable[[], dict[str, object]],
 ) -> list[Path]:
     skipped_ids = [s for s, _ in skipped]
     errors = [_one_line(e) for _, e in skipped]
@@ -189,9 +189,16 @@ def _write(
 
         return [atomic_write(path, write_csv)]
     if fmt == "parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tbl = table()
+        tbl = pa.table(
+            {
+                "path": pa.array([*ids, *skipped_ids], type=pa.string()),
+                "error": pa.array([None] * len(ids) + errors, type=pa.string()),
+                **columns(),  # the format's own columns, null for the skipped images
+            }
+        )
         return [atomic_write(path, lambda p: pq.write_table(tbl, str(p)))]
     raise OutputError(f"unknown output format {fmt!r}")  # pragma: no cover
 
@@ -210,22 +217,13 @@ def write_embeddings(
         raise ValueError(f"embeddings must be (N, D) with N = {len(ids)} ids, got {emb.shape}")
     d = emb.shape[1]
 
-    def table() -> object:
+    def columns() -> dict[str, object]:
         import pyarrow as pa
 
-        n_skip = len(skipped)
         values = pa.array(emb.reshape(-1), type=pa.float32())
         good = pa.FixedSizeListArray.from_arrays(values, d)
-        empty = pa.nulls(n_skip, type=pa.list_(pa.float32(), d))
-        return pa.table(
-            {
-                "path": pa.array([*ids, *(s for s, _ in skipped)], type=pa.string()),
-                "error": pa.array(
-                    [None] * len(ids) + [_one_line(e) for _, e in skipped], type=pa.string()
-                ),
-                "embedding": pa.concat_arrays([good, empty]),
-            }
-        )
+        empty = pa.nulls(len(skipped), type=pa.list_(pa.float32(), d))
+        return {"embedding": pa.concat_arrays([good, empty])}
 
     return _write(
         Path(path),
@@ -236,7 +234,7 @@ def write_embeddings(
         emb,
         ["path", "error", *(f"e{i}" for i in range(d))],
         [[_fmt(v) for v in row] for row in emb] if fmt == "csv" else [],
-        table,
+        columns,
     )
 
 
@@ -271,25 +269,17 @@ def write_assignments(
                 row += [str(int(i)), _fmt(p)]
             rows.append(row)
 
-    def table() -> object:
+    def columns() -> dict[str, object]:
         import pyarrow as pa
 
         n_skip = len(skipped)
-        return pa.table(
-            {
-                "path": pa.array([*ids, *(s for s, _ in skipped)], type=pa.string()),
-                "error": pa.array(
-                    [None] * len(ids) + [_one_line(e) for _, e in skipped], type=pa.string()
-                ),
-                "ids": pa.array(
-                    [r.tolist() for r in tid] + [None] * n_skip, type=pa.list_(pa.int64())
-                ),
-                "probs": pa.array(
-                    [r.tolist() for r in tpr] + [None] * n_skip, type=pa.list_(pa.float32())
-                ),
-            }
-        )
+        return {
+            "ids": pa.array([r.tolist() for r in tid] + [None] * n_skip, type=pa.list_(pa.int64())),
+            "probs": pa.array(
+                [r.tolist() for r in tpr] + [None] * n_skip, type=pa.list_(pa.float32())
+            ),
+        }
 
     return _write(
-        Path(path), fmt, ids, skipped, {"ids": tid, "probs": tpr}, structured, header, rows, table
+        Path(path), fmt, ids, skipped, {"ids": tid, "probs": tpr}, structured, header, rows, columns
     )
