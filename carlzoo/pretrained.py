@@ -179,7 +179,7 @@ class ZooConfig:
             arch = d["architecture"]
             _check_keys("architecture", arch, ModelConfig)
             return cls(
-                architecture=ModelConfig.from_dict(arch),
+                architecture=ModelConfig(**arch),  # keys checked just above
                 preprocessing=Preprocessing.from_dict(d.get("preprocessing") or {}),
                 name=d.get("name"),
                 provenance=dict(d.get("provenance") or {}),
