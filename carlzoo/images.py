@@ -27,6 +27,7 @@ __all__ = [
     "find_images",
     "read_image",
     "to_rgb",
+    "resize_crop",
     "ImageTransform",
     "ImageFiles",
     "collate_images",
@@ -202,6 +203,26 @@ def read_image(
         raise BadImage(path, f"{type(exc).__name__}: {exc}") from None
 
 
+def resize_crop(
+    img: Image.Image,
+    resize_size: int,
+    input_size: int,
+    resample: Image.Resampling = Image.Resampling.BICUBIC,
+) -> Image.Image:
+    """Shorter side to ``resize_size``, then the centre ``input_size`` x ``input_size`` crop."""
+    r, s = resize_size, input_size
+    w, h = img.size
+    if (w, h) != (r, r):
+        scale = r / min(w, h)
+        nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+        img = img.resize((nw, nh), resample)
+        w, h = nw, nh
+    if (w, h) != (s, s):
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    return img
+
+
 class ImageTransform:
     """PIL image -> normalised float32 tensor (3, S, S): the evaluation preprocessing.
 
@@ -232,17 +253,9 @@ class ImageTransform:
 
     def resize_crop(self, img: Image.Image) -> Image.Image:
         """The geometric part: shorter side to ``resize_size``, centre crop ``input_size``."""
-        r, s = self.resize_size, self.input_size
-        w, h = img.size
-        if (w, h) != (r, r):
-            scale = r / min(w, h)
-            nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
-            img = img.resize((nw, nh), INTERPOLATIONS[self.interpolation])
-            w, h = nw, nh
-        if (w, h) != (s, s):
-            left, top = (w - s) // 2, (h - s) // 2
-            img = img.crop((left, top, left + s, top + s))
-        return img
+        return resize_crop(
+            img, self.resize_size, self.input_size, INTERPOLATIONS[self.interpolation]
+        )
 
     def __call__(self, img: Image.Image) -> Any:
         import torch

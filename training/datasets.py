@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from carlzoo.images import IMAGE_EXTENSIONS  # the same files for training and for embedding
+from carlzoo.images import IMAGE_EXTENSIONS, resize_crop  # as for embedding
 
 __all__ = [
     "DATASETS",
@@ -635,18 +635,6 @@ def _list_images(folder: Path, *, recursive: bool) -> list[Path]:
     return sorted(files)
 
 
-def _fit(img: Image.Image, size: int) -> Image.Image:
-    """Resize so the shorter side is ``size`` (bicubic), then centre-crop to size x size."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
 def _read_image(name: str, path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
@@ -655,7 +643,7 @@ def _read_image(name: str, path: Path, size: int) -> np.ndarray:
             # Lets the JPEG decoder downscale by 1/2..1/8 while keeping the short side >= size.
             img.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
             rgb = img.convert("RGB")
-        return np.asarray(_fit(rgb, size), dtype=np.uint8)
+        return np.asarray(resize_crop(rgb, size, size), dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise DatasetError(f"{name}: cannot decode image {path} ({exc})") from exc
 
@@ -699,7 +687,7 @@ def _maybe_resize(images: np.ndarray, image_size: int | None) -> np.ndarray:
 
     def work(start: int, stop: int) -> None:
         for i in range(start, stop):
-            out[i] = np.asarray(_fit(Image.fromarray(images[i]), image_size))
+            out[i] = np.asarray(resize_crop(Image.fromarray(images[i]), image_size, image_size))
 
     log.info("resizing %d images from %s to %d", images.shape[0], images.shape[1:3], image_size)
     _run_chunks(images.shape[0], work)
