@@ -2,6 +2,7 @@
 #   make demo   set up .venv and embed / cluster the example images with the best bundled model
 #   make test   set up .venv, lint, and run the whole test suite
 VENV ?= .venv
+PINS ?=  # packages installed before the project, e.g. an older torch (see test-min)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.carlzoo-installed
 
@@ -10,6 +11,7 @@ STAMP := $(VENV)/.carlzoo-installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(if $(strip $(PINS)),$(PY) -m pip install --quiet $(PINS))
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
@@ -20,21 +22,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: lint
+	$(PY) -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 	$(PY) -m pytest -q
 
 # The suite on the oldest torch / torchvision that pyproject.toml admits (not part of `make test`:
 # it installs a second torch of several GB into .venv-min).
 MIN_VENV := .venv-min
-$(MIN_VENV)/.carlzoo-installed: pyproject.toml
-	python3 -m venv $(MIN_VENV)
-	$(MIN_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(MIN_VENV)/bin/python -m pip install --quiet "torch==2.11.*" "torchvision==0.26.*"
-	$(MIN_VENV)/bin/python -m pip install --quiet -e ".[test]"
-	touch $@
 
-test-min: $(MIN_VENV)/.carlzoo-installed
-	$(MIN_VENV)/bin/python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
-	$(MIN_VENV)/bin/python -m pytest -q
+test-min:
+	$(MAKE) --no-print-directory test VENV=$(MIN_VENV) PINS='"torch==2.11.*" "torchvision==0.26.*"'
 
 clean:
 	rm -rf $(VENV) $(MIN_VENV) build *.egg-info .pytest_cache .ruff_cache
