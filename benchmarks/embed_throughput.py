@@ -44,7 +44,7 @@ from carlzoo.images import read_image
 from carlzoo.model import ModelConfig, build_model
 from carlzoo.outputs import atomic_write_text
 from carlzoo.pretrained import Preprocessing, ZooConfig, load, save_pretrained
-from carlzoo.training.datasets import load_split
+from carlzoo.training.datasets import DatasetError, load_split
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -64,7 +64,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--backends", default="torch,onnx")
     p.add_argument("--model", default=None, help="model spec (default: see above)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    return p.parse_args()
+    args = p.parse_args()
+    if not Path(args.data).is_file():
+        p.error(f"--data {args.data}: no such file")
+    return args
 
 
 def cpu_name() -> str:
@@ -113,7 +116,10 @@ def header(args: argparse.Namespace, device: str, model_desc: str) -> dict:
 
 
 def write_pngs(data: str, n: int, size: int, folder: Path) -> list[Path]:
-    x = load_split("npz", data, "test").images[:n]  # plain or WebP-encoded arrays
+    try:
+        x = load_split("npz", data, "test").images[:n]  # plain or WebP-encoded arrays
+    except DatasetError as e:
+        raise SystemExit(str(e)) from None
     if len(x) < n:
         raise SystemExit(f"{data} has only {len(x)} test images, asked for --n {n}")
     folder.mkdir(parents=True)
