@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from carlzoo.images import ImageTransform, read_image
 from carlzoo.training import datasets as ds
 from carlzoo.training.datasets import (
     DATASETS,
@@ -471,6 +472,32 @@ def test_folder_is_unlabelled_and_recursive(tmp_path: Path) -> None:
         out = load_split("folder", tmp_path, split, image_size=12)
         assert out.images.shape == (4, 12, 12, 3)
         assert out.labels is None and out.classes is None
+
+
+def test_folder_images_are_decoded_as_embedding_decodes_them(tmp_path: Path) -> None:
+    # Stored 40x20: left half red, right half blue; EXIF orientation 6 shows it turned 90
+    # degrees clockwise, so upright it is 20x40 with red on top and blue below.
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20, 0] = 255
+    stored[:, 20:, 2] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+    rgba = np.zeros((16, 16, 4), np.uint8)  # fully transparent black
+    rgba[:8, :, :] = (0, 255, 0, 255)  # opaque green top half
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "transparent.png")
+
+    out = load_split("folder", tmp_path, "train", image_size=16)
+    rotated, transparent = out.images  # sorted by file name
+    assert rotated[0, 13].argmax() == 0 and rotated[0, 13, 0] > 200  # red on top
+    assert rotated[15, 2].argmax() == 2 and rotated[15, 2, 2] > 200  # blue below
+    assert transparent[0, 0].tolist() == [0, 255, 0]
+    assert transparent[15, 0].tolist() == [255, 255, 255]  # alpha composited on white
+
+    transform = ImageTransform(16, 16, "bicubic", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    for name, pixels in zip(("rotated.jpg", "transparent.png"), out.images, strict=True):
+        embedded = transform(read_image(tmp_path / name, min_side=16)).numpy()
+        np.testing.assert_array_equal(pixels.transpose(2, 0, 1), np.round(embedded * 255))
 
 
 def test_decoding_many_images_uses_pool(tmp_path: Path) -> None:

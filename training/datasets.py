@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import io
 import logging
-import math
 import pickle
 import re
 import zipfile
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from carlzoo.images import IMAGE_EXTENSIONS, resize_crop  # as for embedding
+from carlzoo.images import IMAGE_EXTENSIONS, BadImage, read_image, resize_crop, to_rgb
 
 __all__ = [
     "DATASETS",
@@ -636,16 +635,12 @@ def _list_images(folder: Path, *, recursive: bool) -> list[Path]:
 
 
 def _read_image(name: str, path: Path, size: int) -> np.ndarray:
+    """Decode like ``carlzoo embed`` does (EXIF upright, alpha on white), then resize + crop."""
     try:
-        with Image.open(path) as img:
-            w, h = img.size
-            scale = size / min(w, h)
-            # Lets the JPEG decoder downscale by 1/2..1/8 while keeping the short side >= size.
-            img.draft(None, (math.ceil(w * scale), math.ceil(h * scale)))
-            rgb = img.convert("RGB")
-        return np.asarray(resize_crop(rgb, size, size), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-        raise DatasetError(f"{name}: cannot decode image {path} ({exc})") from exc
+        rgb = read_image(path, min_side=size)
+    except BadImage as exc:
+        raise DatasetError(f"{name}: cannot decode image {path} ({exc.reason})") from None
+    return np.asarray(resize_crop(rgb, size, size), dtype=np.uint8)
 
 
 def _run_chunks(n: int, work: Callable[[int, int], None], chunk: int = 256) -> None:
@@ -758,7 +753,7 @@ def _decode_encoded(name: str, path: Path, data: np.ndarray, offsets: np.ndarray
     def decode(i: int) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(data[offsets[i] : offsets[i + 1]].tobytes())) as img:
-                return np.asarray(img.convert("RGB"), dtype=np.uint8)
+                return np.asarray(to_rgb(img), dtype=np.uint8)
         except (OSError, ValueError, SyntaxError) as exc:
             raise DatasetError(f"{name}: {path} image {i} cannot be decoded ({exc})") from exc
 
