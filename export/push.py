@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carlzoo.registry import REPO_ID, sha256_file
+from carlzoo.pretrained import ZooConfig, read_config
+from carlzoo.registry import REPO_ID, ZooError, sha256_file
 
 __all__ = [
     "PushError",
@@ -60,23 +61,31 @@ def resolve_token(token: str | None = None) -> str | None:
     return get_token()
 
 
-def _git_blob_id(path: Path) -> str:
-    h = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+def _file_ids(path: Path) -> tuple[str, str]:
+    """(sha256, git blob id) of one file, read once."""
+    sha = hashlib.sha256()
+    blob = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+            sha.update(chunk)
+            blob.update(chunk)
+    return sha.hexdigest(), blob.hexdigest()
+
+
+def _model_files(root: Path) -> list[str]:
+    """Files under ``root`` as relative posix paths, sorted; hidden files and folders skipped."""
+    out = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")):
+            out.append(rel)
+    return out
 
 
 def local_file_hashes(model_dir: str | Path) -> dict[str, str]:
     """sha256 of every file in ``model_dir`` (relative posix paths, sorted; hidden skipped)."""
     root = Path(model_dir)
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")):
-            out[rel] = sha256_file(path)
-    return out
+    return {rel: sha256_file(root / rel) for rel in _model_files(root)}
 
 
 def _check_model_dir(model_dir: Path) -> None:
@@ -91,6 +100,15 @@ def _check_model_dir(model_dir: Path) -> None:
             f"{model_dir} is not an exported model folder (missing "
             f"{', '.join(missing)}); create it with `carlzoo export`"
         )
+    _config(model_dir)
+
+
+def _config(model_dir: Path) -> ZooConfig:
+    """The folder's parsed config.json; PushError (one line) when it is not a valid one."""
+    try:
+        return read_config(model_dir)
+    except ZooError as e:
+        raise PushError(f"{e}; export the model again with `carlzoo export`") from None
 
 
 def push_model(
@@ -115,8 +133,9 @@ def push_model(
             "no Hugging Face token: pass --token, set HF_TOKEN or log in with "
             "`hf auth login` (a token with write access to the repository)"
         )
-    files = local_file_hashes(model_dir)
-    blob_ids = {name: _git_blob_id(model_dir / name) for name in files}
+    ids = {name: _file_ids(model_dir / name) for name in _model_files(model_dir)}
+    files = {name: sha for name, (sha, _) in ids.items()}
+    blob_ids = {name: blob for name, (_, blob) in ids.items()}
 
     from huggingface_hub import HfApi
 
@@ -167,35 +186,23 @@ def push_model(
     )
 
 
-def _read_config(model_dir: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def registry_entry(
     result: PushResult, model_dir: str | Path, name: str | None = None
 ) -> dict[str, Any]:
     """The ``ZooEntry`` fields for ``carlzoo/registry.py`` as a plain dict."""
-    cfg = _read_config(Path(model_dir))
-    arch = cfg.get("architecture") or {}
-    pre = cfg.get("preprocessing") or {}
-    prov = cfg.get("provenance") or {}
+    cfg = _config(Path(model_dir))
     metrics = {
         k: v
-        for k, v in (cfg.get("metrics") or {}).items()
+        for k, v in cfg.metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool)
     }
-    dataset = str(prov.get("dataset") or "")
-    backbone = str(arch.get("backbone") or "resnet18")
-    entry_name = name or cfg.get("name") or result.repo_id.split("/", 1)[1]
+    dataset = str(cfg.provenance.get("dataset") or "")
+    backbone = cfg.architecture.backbone
     return {
-        "name": entry_name,
+        "name": name or cfg.name or result.repo_id.split("/", 1)[1],
         "repo_id": result.repo_id,
         "dataset": dataset,
-        "input_size": int(pre.get("input_size") or 0),
+        "input_size": cfg.preprocessing.input_size,
         "revision": result.commit_sha,
         "files": dict(result.files),
         "metrics": metrics,

@@ -377,6 +377,21 @@ def test_push_refuses_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
     assert "not an exported model folder" in msg
 
 
+def test_push_refuses_a_broken_config_before_any_request(
+    exported, local_hub: LocalHub, tmp_path: Path
+) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(exported.out_dir, folder)
+    before = len(local_hub.requests)
+    (folder / "config.json").write_text('{"format": "carlzoo/1", "name": ')  # cut short
+    msg = _error(_cli(push, [str(folder), "--repo-id", "test/broken", "--token", "t"]))
+    assert f"cannot read {folder / 'config.json'}" in msg and "carlzoo export" in msg
+    (folder / "config.json").write_text('{"format": "carlzoo/0"}')
+    msg = _error(_cli(push, [str(folder), "--repo-id", "test/broken", "--token", "t"]))
+    assert "config format 'carlzoo/0' is not supported" in msg
+    assert len(local_hub.requests) == before
+
+
 # ---- publish and load back ---------------------------------------------------------------
 
 
