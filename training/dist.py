@@ -78,11 +78,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """
     name = "auto" if device is None else str(device)
     if name == "auto":
-        return (
-            torch.device("cuda", local_rank())
-            if torch.cuda.is_available()
-            else (torch.device("cpu"))
-        )
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank())
+        return torch.device("cpu")
     resolved = torch.device(name)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
