@@ -66,6 +66,8 @@ def test_unknown_key_lists_the_valid_ones():
     ("override", "message"),
     [
         ("optim.lr=fast", "optim.lr: expected a number"),
+        ("optim.lr=nan", "optim.lr: expected a number, got 'nan'"),
+        ("optim.weight_decay=inf", "optim.weight_decay: expected a number, got 'inf'"),
         ("epochs=2.5", "epochs: expected an integer"),
         ("epochs=0", "epochs must be >= 1"),
         ("optim.warmup_epochs=200", r"optim.warmup_epochs=200 must be shorter than epochs=200"),
