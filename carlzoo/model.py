@@ -61,10 +61,11 @@ class ModelConfig:
             raise ValueError(f"model.stem={self.stem!r}: expected one of {list(_STEMS)}")
         if self.logits not in _LOGITS:
             raise ValueError(f"model.logits={self.logits!r}: expected one of {list(_LOGITS)}")
-        if self.width < 1 or self.num_prototypes < 2 or self.proj_dim < 1:
+        if min(self.width, self.proj_hidden_dim, self.proj_dim) < 1 or self.num_prototypes < 2:
             raise ValueError(
-                "model.width, model.proj_dim must be >= 1 and model.num_prototypes >= 2, "
-                f"got {self.width}, {self.proj_dim}, {self.num_prototypes}"
+                "model.width, model.proj_hidden_dim, model.proj_dim must be >= 1 and "
+                "model.num_prototypes >= 2, got "
+                f"{self.width}, {self.proj_hidden_dim}, {self.proj_dim}, {self.num_prototypes}"
             )
         if self.temperature <= 0:
             raise ValueError(f"model.temperature must be > 0, got {self.temperature}")

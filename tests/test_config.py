@@ -77,11 +77,54 @@ def test_unknown_key_lists_the_valid_ones():
         ("model.backbone=vgg", "model.backbone"),
         ("optim=3", "optim: expected a mapping"),
         ("lr", "expected section.key=value"),
+        ("optim.batch_size=0", r"optim.batch_size must be >= 1, got 0"),
+        ("optim.lr=0", r"optim.lr must be > 0, got 0.0"),
+        ("optim.lr=-1", r"optim.lr must be > 0, got -1.0"),
+        ("optim.weight_decay=-1e-4", r"optim.weight_decay must be >= 0, got -0.0001"),
+        ("optim.momentum=1", r"optim.momentum must be in \[0, 1\), got 1.0"),
+        ("optim.warmup_epochs=-1", r"optim.warmup_epochs must be >= 0"),
+        ("optim.min_lr=5", r"optim.min_lr=5 must not exceed optim.lr=0.6"),
+        ("data.subset=-5", r"data.subset must be >= 0, got -5"),
+        ("data.image_size=0", r"data.image_size must be >= 1"),
+        ("augment.flip_p=3", r"augment.flip_p must be in \[0, 1\], got 3.0"),
+        ("augment.hue=0.6", r"augment.hue must be in \[0, 0.5\]"),
+        ("augment.std=[0, 1, 1]", r"each number of augment.std must be > 0, got \[0.0, 1.0, 1.0\]"),
+        ("augment.crop_scale=[0.9, 0.1]", r"augment.crop_scale must be \[low, high\] with low"),
+        ("knn_k=0", r"knn_k must be >= 1, got 0"),
+        ("knn_t=0", r"knn_t must be > 0"),
+        ("knn_every=-1", r"knn_every must be >= 0"),
+        ("knn_max_train=0", r"knn_max_train must be >= 1"),
+        ("log_every=0", r"log_every must be >= 1"),
+        ("collapse_patience=0", r"collapse_patience must be >= 1"),
+        ("model.proj_hidden_dim=0", r"model.proj_hidden_dim"),
     ],
 )
 def test_bad_values_are_refused_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.weight_decay=0",
+        "optim.momentum=0",
+        "optim.min_lr=0.6",
+        "data.subset=0",
+        "data.workers=0",
+        "augment.blur_p=0",
+        "augment.hue=0.5",
+        "knn_every=0",
+        "checkpoint_every=0",
+        "loss.kl_decay_epochs=0",
+    ],
+)
+def test_values_on_the_edge_of_their_range_are_accepted(override):
+    key, raw = override.split("=")
+    node = config_to_dict(load_config(None, [override]))
+    for part in key.split("."):
+        node = node[part]
+    assert node == float(raw)
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

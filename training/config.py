@@ -100,6 +100,11 @@ class TrainConfig:
     collapse_patience: int = 3  # collapsed epochs in a row before training stops
 
     def __post_init__(self) -> None:
+        if self.optim.min_lr > self.optim.lr:
+            raise ValueError(
+                f"optim.min_lr={self.optim.min_lr:g} must not exceed optim.lr={self.optim.lr:g} "
+                "(the cosine schedule decays from lr to min_lr)"
+            )
         if self.save_every < 1:
             raise ValueError(f"save_every must be >= 1, got {self.save_every}")
         if self.epochs < 1:
@@ -118,6 +123,88 @@ _CHOICES = {
     ("optim", "optimizer"): ("sgd", "lars"),
     ("", "precision"): ("bf16", "fp32"),
 }
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """The interval a numeric config value (or each number of a list value) must lie in."""
+
+    lo: float
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        if self.hi == math.inf:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+        return f"in {left}{self.lo:g}, {self.hi:g}{right}"
+
+
+_POSITIVE = _Bound(0, lo_open=True)
+_NON_NEGATIVE = _Bound(0)
+_AT_LEAST_ONE = _Bound(1)
+_PROBABILITY = _Bound(0, 1)
+# Checked when a config is loaded, so a bad value is refused before a run folder exists
+# rather than failing (or silently misbehaving) mid-run. epochs, save_every and the model
+# section check themselves in __post_init__.
+_BOUNDS: dict[tuple[str, str], _Bound] = {
+    ("data", "image_size"): _AT_LEAST_ONE,
+    ("data", "device_budget_gb"): _NON_NEGATIVE,
+    ("data", "workers"): _NON_NEGATIVE,
+    ("data", "subset"): _NON_NEGATIVE,
+    ("optim", "batch_size"): _AT_LEAST_ONE,
+    ("optim", "lr"): _POSITIVE,
+    ("optim", "min_lr"): _NON_NEGATIVE,
+    ("optim", "warmup_epochs"): _NON_NEGATIVE,
+    ("optim", "momentum"): _Bound(0, 1, hi_open=True),
+    ("optim", "weight_decay"): _NON_NEGATIVE,
+    ("optim", "lars_eta"): _POSITIVE,
+    ("loss", "kl_start"): _NON_NEGATIVE,
+    ("loss", "kl_end"): _NON_NEGATIVE,
+    ("loss", "kl_decay_epochs"): _NON_NEGATIVE,
+    ("augment", "crop_scale"): _POSITIVE,
+    ("augment", "crop_ratio"): _POSITIVE,
+    ("augment", "flip_p"): _PROBABILITY,
+    ("augment", "jitter_p"): _PROBABILITY,
+    ("augment", "brightness"): _NON_NEGATIVE,
+    ("augment", "contrast"): _NON_NEGATIVE,
+    ("augment", "saturation"): _NON_NEGATIVE,
+    ("augment", "hue"): _Bound(0, 0.5),
+    ("augment", "grayscale_p"): _PROBABILITY,
+    ("augment", "blur_p"): _PROBABILITY,
+    ("augment", "blur_sigma"): _POSITIVE,
+    ("augment", "blur_kernel"): _NON_NEGATIVE,
+    ("augment", "std"): _POSITIVE,
+    ("", "checkpoint_every"): _NON_NEGATIVE,
+    ("", "log_every"): _AT_LEAST_ONE,
+    ("", "knn_every"): _NON_NEGATIVE,
+    ("", "knn_k"): _AT_LEAST_ONE,
+    ("", "knn_t"): _POSITIVE,
+    ("", "knn_max_train"): _AT_LEAST_ONE,
+    ("", "collapse_floor"): _NON_NEGATIVE,
+    ("", "collapse_patience"): _AT_LEAST_ONE,
+}
+# (lo, hi) pairs that must be in order
+_PAIRS = {("augment", "crop_scale"), ("augment", "crop_ratio"), ("augment", "blur_sigma")}
+
+
+def _check_bounds(section: str, name: str, value: Any) -> None:
+    key = f"{section}.{name}" if section else name
+    bound = _BOUNDS.get((section, name))
+    if bound is not None:
+        numbers = value if isinstance(value, tuple) else (value,)
+        if not all(bound.holds(v) for v in numbers):
+            shown = list(value) if isinstance(value, tuple) else value
+            each = "each number of " if isinstance(value, tuple) else ""
+            raise ConfigError(f"{each}{key} must be {bound}, got {shown}")
+    if (section, name) in _PAIRS and value[0] > value[1]:
+        raise ConfigError(f"{key} must be [low, high] with low <= high, got {list(value)}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -182,6 +269,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for (section, name), choices in _CHOICES.items():
         if prefix.rstrip(".") == section and name in kwargs and kwargs[name] not in choices:
             raise ConfigError(f"{prefix}{name}={kwargs[name]!r}: expected one of {list(choices)}")
+    for name, value in kwargs.items():
+        _check_bounds(prefix.rstrip("."), name, value)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
