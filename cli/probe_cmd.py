@@ -35,16 +35,18 @@ def _table(result: dict[str, Any]) -> str:
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
               help="Write the result as JSON here (atomically).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--batch-size", type=int, default=256, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Feature extraction and fine-tuning batch size.")
-@click.option("--epochs", type=int, default=None,
+@click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Fine-tuning epochs (semi1 60, semi10 30, finetune 30 by default).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the labelled subset and of fine-tuning.")
 @click.option("--layer", type=click.Choice(["backbone", "projection"]), default="backbone",
               show_default=True, help="Features to probe.")
-@click.option("--k", "k", type=int, default=200, show_default=True, help="kNN neighbours.")
-@click.option("--t", "t", type=float, default=0.1, show_default=True, help="kNN temperature.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=200, show_default=True,
+              help="kNN neighbours.")
+@click.option("--t", "t", type=click.FloatRange(min=0, min_open=True), default=0.1,
+              show_default=True, help="kNN temperature.")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Cache frozen features (.safetensors) in this folder.")
 @click.option("--resize", is_flag=True,
@@ -64,8 +66,6 @@ def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path
     from carlzoo.training.checkpoint import CheckpointError
     from carlzoo.training.datasets import DatasetError
 
-    if batch_size < 1 or k < 1 or t <= 0 or (epochs is not None and epochs < 1):
-        raise click.ClickException("--batch-size, --k and --epochs must be >= 1 and --t > 0")
     try:
         result = evaluate.run_probe(model_spec, dataset, data_root, protocol, layer=layer, k=k,
                                     t=t, epochs=epochs, seed=seed, batch_size=batch_size,

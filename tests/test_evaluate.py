@@ -209,6 +209,21 @@ def test_cli_writes_documented_json(tiny_run, tmp_path, protocol):
     assert "top1" in res.output or "nmi" in res.output
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "range_"),
+    [("--k", "0", "x>=1"), ("--t", "0", "x>0"), ("--batch-size", "0", "x>=1"),
+     ("--epochs", "-3", "x>=1")],
+)
+def test_cli_names_the_option_out_of_range(tmp_path, option, value, range_):
+    out = tmp_path / "res.json"
+    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
+                                     "--data-root", str(tmp_path), "--protocol", "semi1",
+                                     "--out", str(out), option, value])
+    assert res.exit_code == 2
+    assert f"Invalid value for '{option}': {value}" in res.output and range_ in res.output
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("protocol", ["semi1", "finetune"])
 def test_semi_and_finetune_end_to_end(tiny_run, tmp_path, protocol):
     run, data = tiny_run
