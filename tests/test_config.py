@@ -1,9 +1,11 @@
 import pytest
 import yaml
 
+from carlzoo.training.augment import AugmentConfig
 from carlzoo.training.config import (
     PRESETS,
     ConfigError,
+    OptimConfig,
     TrainConfig,
     config_from_dict,
     config_to_dict,
@@ -97,6 +99,7 @@ def test_unknown_key_lists_the_valid_ones():
         ("log_every=0", r"log_every must be >= 1"),
         ("collapse_patience=0", r"collapse_patience must be >= 1"),
         ("model.proj_hidden_dim=0", r"model.proj_hidden_dim"),
+        ("augment.blur_kernel=4", r"augment.blur_kernel must be odd \(or 0"),
     ],
 )
 def test_bad_values_are_refused_with_the_key(override, message):
@@ -144,3 +147,12 @@ def test_saved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "config.yaml") == cfg
     assert config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())) == cfg
     assert config_from_dict(config_to_dict(cfg)) == cfg
+
+
+def test_config_dataclasses_built_in_python_check_their_ranges_too():
+    with pytest.raises(ValueError, match=r"optim.momentum must be in \[0, 1\), got 1.5"):
+        OptimConfig(momentum=1.5)
+    with pytest.raises(ValueError, match=r"augment.crop_ratio must be \[low, high\]"):
+        AugmentConfig(crop_ratio=(2.0, 0.5))
+    with pytest.raises(ValueError, match=r"knn_t must be > 0, got 0"):
+        TrainConfig(knn_t=0)

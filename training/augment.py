@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from carlzoo.training.bounds import NON_NEGATIVE, POSITIVE, PROBABILITY, Bound, check_fields
+
 if TYPE_CHECKING:
     import PIL.Image
 
@@ -83,6 +85,32 @@ class AugmentConfig:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
+    def __post_init__(self) -> None:
+        check_fields(self, "augment", _AUGMENT_BOUNDS, pairs=_AUGMENT_PAIRS)
+        if self.blur_kernel and self.blur_kernel % 2 == 0:
+            raise ValueError(
+                f"augment.blur_kernel must be odd (or 0: about 10% of the side), "
+                f"got {self.blur_kernel}"
+            )
+
+
+_AUGMENT_BOUNDS: dict[str, Bound] = {
+    "crop_scale": POSITIVE,
+    "crop_ratio": POSITIVE,
+    "flip_p": PROBABILITY,
+    "jitter_p": PROBABILITY,
+    "brightness": NON_NEGATIVE,
+    "contrast": NON_NEGATIVE,
+    "saturation": NON_NEGATIVE,
+    "hue": Bound(0, 0.5),
+    "grayscale_p": PROBABILITY,
+    "blur_p": PROBABILITY,
+    "blur_sigma": POSITIVE,
+    "blur_kernel": NON_NEGATIVE,
+    "std": POSITIVE,
+}
+_AUGMENT_PAIRS = ("crop_scale", "crop_ratio", "blur_sigma")  # (low, high) in order
+
 
 # Presets by output resolution. Colour jitter strength 0.5 (0.4, 0.4, 0.4, 0.1) everywhere, the
 # SimCLR CIFAR setting. 32 px (CIFAR-10/100): no Gaussian blur (blur_p=0), the usual CIFAR
@@ -102,8 +130,6 @@ def blur_kernel_size(cfg: AugmentConfig, size: int) -> int:
     ``2 * (k // 2) + 1``, at least 3 (32 px -> 3, 64 px -> 7, 96 px -> 9, 224 px -> 23).
     """
     if cfg.blur_kernel:
-        if cfg.blur_kernel < 1 or cfg.blur_kernel % 2 == 0:
-            raise ValueError(f"blur_kernel must be odd and positive, got {cfg.blur_kernel}")
         return cfg.blur_kernel
     k = int(0.1 * size)
     return max(3, 2 * (k // 2) + 1)
@@ -244,15 +270,6 @@ class BatchAugment:
     def __init__(self, cfg: AugmentConfig, size: int) -> None:
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
-        lo, hi = cfg.crop_scale
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"crop_scale must satisfy 0 < lo <= hi, got {cfg.crop_scale}")
-        if not 0.0 < cfg.crop_ratio[0] <= cfg.crop_ratio[1]:
-            raise ValueError(f"crop_ratio must satisfy 0 < lo <= hi, got {cfg.crop_ratio}")
-        if not 0.0 <= cfg.hue <= 0.5:
-            raise ValueError(f"hue must be in [0, 0.5], got {cfg.hue}")
-        if cfg.blur_p > 0 and not 0.0 < cfg.blur_sigma[0] <= cfg.blur_sigma[1]:
-            raise ValueError(f"blur_sigma must satisfy 0 < lo <= hi, got {cfg.blur_sigma}")
         self.cfg = cfg
         self.size = size
         self.blur_kernel = blur_kernel_size(cfg, size)

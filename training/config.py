@@ -20,6 +20,13 @@ import yaml
 from carlzoo.model import ModelConfig
 from carlzoo.outputs import atomic_write_text
 from carlzoo.training.augment import AugmentConfig
+from carlzoo.training.bounds import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    Bound,
+    check_fields,
+)
 
 __all__ = [
     "DataConfig",
@@ -44,6 +51,41 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot be used."""
 
 
+# Numeric ranges, checked in each dataclass's __post_init__ (model and augment: in theirs).
+_DATA_BOUNDS: dict[str, Bound] = {
+    "image_size": AT_LEAST_ONE,
+    "device_budget_gb": NON_NEGATIVE,
+    "workers": NON_NEGATIVE,
+    "subset": NON_NEGATIVE,
+}
+_OPTIM_BOUNDS: dict[str, Bound] = {
+    "batch_size": AT_LEAST_ONE,
+    "lr": POSITIVE,
+    "min_lr": NON_NEGATIVE,
+    "warmup_epochs": NON_NEGATIVE,
+    "momentum": Bound(0, 1, hi_open=True),
+    "weight_decay": NON_NEGATIVE,
+    "lars_eta": POSITIVE,
+}
+_LOSS_BOUNDS: dict[str, Bound] = {
+    "kl_start": NON_NEGATIVE,
+    "kl_end": NON_NEGATIVE,
+    "kl_decay_epochs": NON_NEGATIVE,
+}
+_TRAIN_BOUNDS: dict[str, Bound] = {
+    "epochs": AT_LEAST_ONE,
+    "checkpoint_every": NON_NEGATIVE,
+    "save_every": AT_LEAST_ONE,
+    "log_every": AT_LEAST_ONE,
+    "knn_every": NON_NEGATIVE,
+    "knn_k": AT_LEAST_ONE,
+    "knn_t": POSITIVE,
+    "knn_max_train": AT_LEAST_ONE,
+    "collapse_floor": NON_NEGATIVE,
+    "collapse_patience": AT_LEAST_ONE,
+}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "cifar10"
@@ -54,6 +96,9 @@ class DataConfig:
     device_budget_gb: float = 8.0  # keep the training set on the accelerator up to this size
     workers: int = 8  # DataLoader workers for pipeline=dataloader and for the kNN monitor
     subset: int = 0  # use only the first N training images (0: all); for smoke runs
+
+    def __post_init__(self) -> None:
+        check_fields(self, "data", _DATA_BOUNDS)
 
 
 @dataclass(frozen=True)
@@ -67,12 +112,23 @@ class OptimConfig:
     weight_decay: float = 5e-4
     lars_eta: float = 0.02  # trust coefficient for optimizer=lars
 
+    def __post_init__(self) -> None:
+        check_fields(self, "optim", _OPTIM_BOUNDS)
+        if self.min_lr > self.lr:
+            raise ValueError(
+                f"optim.min_lr={self.min_lr:g} must not exceed optim.lr={self.lr:g} "
+                "(the cosine schedule decays from lr to min_lr)"
+            )
+
 
 @dataclass(frozen=True)
 class LossConfig:
     kl_start: float = 4.0  # b in eq. 8
     kl_end: float = 1.5  # a in eq. 8
     kl_decay_epochs: float = 100.0  # E in eq. 8
+
+    def __post_init__(self) -> None:
+        check_fields(self, "loss", _LOSS_BOUNDS)
 
 
 @dataclass(frozen=True)
@@ -100,15 +156,7 @@ class TrainConfig:
     collapse_patience: int = 3  # collapsed epochs in a row before training stops
 
     def __post_init__(self) -> None:
-        if self.optim.min_lr > self.optim.lr:
-            raise ValueError(
-                f"optim.min_lr={self.optim.min_lr:g} must not exceed optim.lr={self.optim.lr:g} "
-                "(the cosine schedule decays from lr to min_lr)"
-            )
-        if self.save_every < 1:
-            raise ValueError(f"save_every must be >= 1, got {self.save_every}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        check_fields(self, "", _TRAIN_BOUNDS)
         if self.optim.warmup_epochs >= self.epochs:
             raise ValueError(
                 f"optim.warmup_epochs={self.optim.warmup_epochs:g} must be shorter than "
@@ -123,88 +171,6 @@ _CHOICES = {
     ("optim", "optimizer"): ("sgd", "lars"),
     ("", "precision"): ("bf16", "fp32"),
 }
-
-
-@dataclass(frozen=True)
-class _Bound:
-    """The interval a numeric config value (or each number of a list value) must lie in."""
-
-    lo: float
-    hi: float = math.inf
-    lo_open: bool = False
-    hi_open: bool = False
-
-    def holds(self, value: float) -> bool:
-        above = value > self.lo if self.lo_open else value >= self.lo
-        below = value < self.hi if self.hi_open else value <= self.hi
-        return above and below
-
-    def __str__(self) -> str:
-        if self.hi == math.inf:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
-        return f"in {left}{self.lo:g}, {self.hi:g}{right}"
-
-
-_POSITIVE = _Bound(0, lo_open=True)
-_NON_NEGATIVE = _Bound(0)
-_AT_LEAST_ONE = _Bound(1)
-_PROBABILITY = _Bound(0, 1)
-# Checked when a config is loaded, so a bad value is refused before a run folder exists
-# rather than failing (or silently misbehaving) mid-run. epochs, save_every and the model
-# section check themselves in __post_init__.
-_BOUNDS: dict[tuple[str, str], _Bound] = {
-    ("data", "image_size"): _AT_LEAST_ONE,
-    ("data", "device_budget_gb"): _NON_NEGATIVE,
-    ("data", "workers"): _NON_NEGATIVE,
-    ("data", "subset"): _NON_NEGATIVE,
-    ("optim", "batch_size"): _AT_LEAST_ONE,
-    ("optim", "lr"): _POSITIVE,
-    ("optim", "min_lr"): _NON_NEGATIVE,
-    ("optim", "warmup_epochs"): _NON_NEGATIVE,
-    ("optim", "momentum"): _Bound(0, 1, hi_open=True),
-    ("optim", "weight_decay"): _NON_NEGATIVE,
-    ("optim", "lars_eta"): _POSITIVE,
-    ("loss", "kl_start"): _NON_NEGATIVE,
-    ("loss", "kl_end"): _NON_NEGATIVE,
-    ("loss", "kl_decay_epochs"): _NON_NEGATIVE,
-    ("augment", "crop_scale"): _POSITIVE,
-    ("augment", "crop_ratio"): _POSITIVE,
-    ("augment", "flip_p"): _PROBABILITY,
-    ("augment", "jitter_p"): _PROBABILITY,
-    ("augment", "brightness"): _NON_NEGATIVE,
-    ("augment", "contrast"): _NON_NEGATIVE,
-    ("augment", "saturation"): _NON_NEGATIVE,
-    ("augment", "hue"): _Bound(0, 0.5),
-    ("augment", "grayscale_p"): _PROBABILITY,
-    ("augment", "blur_p"): _PROBABILITY,
-    ("augment", "blur_sigma"): _POSITIVE,
-    ("augment", "blur_kernel"): _NON_NEGATIVE,
-    ("augment", "std"): _POSITIVE,
-    ("", "checkpoint_every"): _NON_NEGATIVE,
-    ("", "log_every"): _AT_LEAST_ONE,
-    ("", "knn_every"): _NON_NEGATIVE,
-    ("", "knn_k"): _AT_LEAST_ONE,
-    ("", "knn_t"): _POSITIVE,
-    ("", "knn_max_train"): _AT_LEAST_ONE,
-    ("", "collapse_floor"): _NON_NEGATIVE,
-    ("", "collapse_patience"): _AT_LEAST_ONE,
-}
-# (lo, hi) pairs that must be in order
-_PAIRS = {("augment", "crop_scale"), ("augment", "crop_ratio"), ("augment", "blur_sigma")}
-
-
-def _check_bounds(section: str, name: str, value: Any) -> None:
-    key = f"{section}.{name}" if section else name
-    bound = _BOUNDS.get((section, name))
-    if bound is not None:
-        numbers = value if isinstance(value, tuple) else (value,)
-        if not all(bound.holds(v) for v in numbers):
-            shown = list(value) if isinstance(value, tuple) else value
-            each = "each number of " if isinstance(value, tuple) else ""
-            raise ConfigError(f"{each}{key} must be {bound}, got {shown}")
-    if (section, name) in _PAIRS and value[0] > value[1]:
-        raise ConfigError(f"{key} must be [low, high] with low <= high, got {list(value)}")
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -269,8 +235,6 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     for (section, name), choices in _CHOICES.items():
         if prefix.rstrip(".") == section and name in kwargs and kwargs[name] not in choices:
             raise ConfigError(f"{prefix}{name}={kwargs[name]!r}: expected one of {list(choices)}")
-    for name, value in kwargs.items():
-        _check_bounds(prefix.rstrip("."), name, value)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
