@@ -43,6 +43,7 @@ from PIL import Image
 from torch import Tensor
 
 from carlzoo import registry
+from carlzoo.devices import parse_device
 from carlzoo.images import ImageTransform, read_image
 from carlzoo.model import CARLModel, ModelConfig
 from carlzoo.outputs import atomic_write, atomic_write_text
@@ -391,7 +392,10 @@ def _one_line(e: BaseException | str) -> str:
 
 
 def _resolve_device(device: Any) -> torch.device:
-    dev = torch.device("cpu" if device is None else device)
+    try:
+        dev = parse_device("cpu" if device is None else device)
+    except ValueError as e:
+        raise ZooError(str(e)) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ZooError(
             f"device={str(device)!r} requested but CUDA is not available; use device='cpu'"

@@ -55,6 +55,17 @@ def test_train_missing_dataset_names_path(tmp_path):
     assert "nowhere" in result.output and "--download" in result.output
 
 
+def test_train_bad_device_name_is_one_line_before_the_run_folder(tmp_path):
+    data = random_npz(tmp_path / "d.npz", 8, size=16, classes=2, n_test=4)
+    args = ["train", "--dataset", "npz", "--data-root", str(data), "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(main, [*args, "--set", "device=gpu"])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: device='gpu' is not a device name; use auto, cpu, cuda or cuda:N"
+    )
+    assert not (tmp_path / "r").exists()
+
+
 def test_train_command_runs_end_to_end(tmp_path):
     data = random_npz(tmp_path / "d.npz", 40, size=16, classes=2, n_test=8, seed=1)
     args = [

@@ -5,6 +5,7 @@ from carlzoo.training.augment import AugmentConfig
 from carlzoo.training.config import (
     PRESETS,
     ConfigError,
+    DataConfig,
     OptimConfig,
     TrainConfig,
     config_from_dict,
@@ -76,6 +77,11 @@ def test_unknown_key_lists_the_valid_ones():
         ("save_every=0", "save_every must be >= 1"),
         ("compile=maybe", "compile: expected true or false"),
         ("data.pipeline=gpu", "data.pipeline='gpu': expected one of"),
+        ("data.dataset=mnist", r"data.dataset='mnist': expected one of \['cifar10', 'cifar100'"),
+        ("optim.optimizer=adam", r"optim.optimizer='adam': expected one of \['sgd', 'lars'\]"),
+        ("precision=fp16", r"precision='fp16': expected one of \['bf16', 'fp32'\]"),
+        ("device=gpu", r"device='gpu' is not a device name; use auto, cpu, cuda or cuda:N"),
+        ("device=cuda:x", r"device='cuda:x' is not a device name"),
         ("model.backbone=vgg", "model.backbone"),
         ("optim=3", "optim: expected a mapping"),
         ("lr", "expected section.key=value"),
@@ -156,3 +162,20 @@ def test_config_dataclasses_built_in_python_check_their_ranges_too():
         AugmentConfig(crop_ratio=(2.0, 0.5))
     with pytest.raises(ValueError, match=r"knn_t must be > 0, got 0"):
         TrainConfig(knn_t=0)
+
+
+def test_config_dataclasses_built_in_python_check_their_choices_too():
+    with pytest.raises(ValueError, match=r"optim.optimizer='adam': expected one of"):
+        OptimConfig(optimizer="adam")
+    with pytest.raises(ValueError, match=r"data.pipeline='gpu': expected one of"):
+        DataConfig(pipeline="gpu")
+    with pytest.raises(ValueError, match=r"data.dataset='mnist': expected one of"):
+        DataConfig(dataset="mnist")
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device name"):
+        TrainConfig(device="gpu")
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_device_names_are_accepted_without_the_device_at_hand(device):
+    # A recipe for a GPU machine is written and checked on a CPU-only one.
+    assert TrainConfig(device=device).device == device

@@ -196,6 +196,15 @@ def test_no_images_and_bad_model_are_clear_errors(model_dir: Path, tmp_path: Pat
     assert res.exit_code == 1 and "not published yet" in res.output
 
 
+def test_bad_device_name_is_one_line(model_dir: Path, images: Path, tmp_path: Path) -> None:
+    out = tmp_path / "e.npz"
+    args = [str(images), "--model", str(model_dir), "--out", str(out), "--device"]
+    res = run_catching(embed, [*args, "gpu"])
+    assert res.exit_code == 1
+    assert res.output.strip() == "Error: device='gpu' is not a device name; use cpu, cuda or cuda:N"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_npy_csv_formats_read_back(
     model_dir: Path, model: PretrainedCARL, images: Path, tmp_path: Path
 ) -> None:

@@ -224,6 +224,18 @@ def test_cli_names_the_option_out_of_range(tmp_path, option, value, range_):
     assert not out.exists()
 
 
+def test_cli_bad_device_name_is_one_line_before_any_work(tmp_path):
+    out = tmp_path / "res.json"
+    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
+                                     "--data-root", str(tmp_path), "--protocol", "knn",
+                                     "--out", str(out), "--device", "gpu"])
+    assert res.exit_code == 1
+    assert res.output.strip() == (
+        "Error: device='gpu' is not a device name; use auto, cpu, cuda or cuda:N"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("protocol", ["semi1", "finetune"])
 def test_semi_and_finetune_end_to_end(tiny_run, tmp_path, protocol):
     run, data = tiny_run

@@ -166,6 +166,15 @@ def test_missing_onnx_file_says_how_to_export(model: CARLModel, tmp_path: Path) 
         load(str(out), backend="onnx")
 
 
+def test_both_backends_refuse_a_device_they_cannot_use(folder: Path) -> None:
+    with pytest.raises(ZooError, match=r"^device='gpu' is not a device name; use cpu, cuda or"):
+        load(str(folder), device="gpu")
+    with pytest.raises(ZooError, match=r"device='gpu' is not supported by the onnx backend"):
+        load(str(folder), device="gpu", backend="onnx")
+    with pytest.raises(ZooError, match=r"device='mps' is not supported by the onnx backend"):
+        load(str(folder), device="mps", backend="onnx")
+
+
 def test_add_onnx_command_and_fp16_weights(
     model: CARLModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,4 +1,5 @@
-"""Numeric ranges of config fields, checked by each config dataclass when it is built.
+"""Numeric ranges and string choices of config fields, checked by each config dataclass
+when it is built.
 
 A bad value is refused where the dataclass is constructed, from YAML, ``--set`` or Python,
 so it fails before a run folder exists rather than mid-run or silently.
@@ -11,7 +12,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Bound", "POSITIVE", "NON_NEGATIVE", "AT_LEAST_ONE", "PROBABILITY", "check_fields"]
+__all__ = [
+    "Bound",
+    "POSITIVE",
+    "NON_NEGATIVE",
+    "AT_LEAST_ONE",
+    "PROBABILITY",
+    "check_fields",
+    "check_choices",
+]
 
 
 @dataclass(frozen=True)
@@ -62,3 +71,13 @@ def check_fields(
             raise ValueError(
                 f"{prefix}{name} must be [low, high] with low <= high, got {[low, high]}"
             )
+
+
+def check_choices(cfg: Any, section: str, choices: Mapping[str, Iterable[str]]) -> None:
+    """Raise ``ValueError`` naming ``section.field`` and its choices for the first string
+    field that is not one of them."""
+    prefix = f"{section}." if section else ""
+    for name, allowed in choices.items():
+        value = getattr(cfg, name)
+        if value not in tuple(allowed):
+            raise ValueError(f"{prefix}{name}={value!r}: expected one of {list(allowed)}")

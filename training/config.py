@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from carlzoo.devices import parse_device
 from carlzoo.model import ModelConfig
 from carlzoo.outputs import atomic_write_text
 from carlzoo.training.augment import AugmentConfig
@@ -25,8 +26,11 @@ from carlzoo.training.bounds import (
     NON_NEGATIVE,
     POSITIVE,
     Bound,
+    check_choices,
     check_fields,
 )
+from carlzoo.training.datasets import DATASETS
+from carlzoo.training.dist import DEVICE_HINT
 
 __all__ = [
     "DataConfig",
@@ -51,13 +55,17 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot be used."""
 
 
-# Numeric ranges, checked in each dataclass's __post_init__ (model and augment: in theirs).
+# Numeric ranges and string choices, checked in each dataclass's __post_init__ (model and
+# augment: in theirs).
 _DATA_BOUNDS: dict[str, Bound] = {
     "image_size": AT_LEAST_ONE,
     "device_budget_gb": NON_NEGATIVE,
     "workers": NON_NEGATIVE,
     "subset": NON_NEGATIVE,
 }
+_DATA_CHOICES = {"dataset": DATASETS, "pipeline": ("device", "dataloader")}
+_OPTIM_CHOICES = {"optimizer": ("sgd", "lars")}
+_TRAIN_CHOICES = {"precision": ("bf16", "fp32")}
 _OPTIM_BOUNDS: dict[str, Bound] = {
     "batch_size": AT_LEAST_ONE,
     "lr": POSITIVE,
@@ -98,6 +106,7 @@ class DataConfig:
     subset: int = 0  # use only the first N training images (0: all); for smoke runs
 
     def __post_init__(self) -> None:
+        check_choices(self, "data", _DATA_CHOICES)
         check_fields(self, "data", _DATA_BOUNDS)
 
 
@@ -113,6 +122,7 @@ class OptimConfig:
     lars_eta: float = 0.02  # trust coefficient for optimizer=lars
 
     def __post_init__(self) -> None:
+        check_choices(self, "optim", _OPTIM_CHOICES)
         check_fields(self, "optim", _OPTIM_BOUNDS)
         if self.min_lr > self.lr:
             raise ValueError(
@@ -156,6 +166,9 @@ class TrainConfig:
     collapse_patience: int = 3  # collapsed epochs in a row before training stops
 
     def __post_init__(self) -> None:
+        check_choices(self, "", _TRAIN_CHOICES)
+        if self.device != "auto":
+            parse_device(self.device, hint=DEVICE_HINT)  # its availability is checked at start
         check_fields(self, "", _TRAIN_BOUNDS)
         if self.optim.warmup_epochs >= self.epochs:
             raise ValueError(
@@ -166,11 +179,6 @@ class TrainConfig:
 
 
 _DATACLASSES = (ModelConfig, DataConfig, AugmentConfig, OptimConfig, LossConfig, TrainConfig)
-_CHOICES = {
-    ("data", "pipeline"): ("device", "dataloader"),
-    ("optim", "optimizer"): ("sgd", "lars"),
-    ("", "precision"): ("bf16", "fp32"),
-}
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -232,9 +240,6 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
             f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(types_))}"
         )
     kwargs = {name: _coerce(v, types_[name], prefix + name) for name, v in values.items()}
-    for (section, name), choices in _CHOICES.items():
-        if prefix.rstrip(".") == section and name in kwargs and kwargs[name] not in choices:
-            raise ConfigError(f"{prefix}{name}={kwargs[name]!r}: expected one of {list(choices)}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

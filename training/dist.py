@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from carlzoo.devices import parse_device
+
 __all__ = [
     "is_distributed",
     "rank",
@@ -22,6 +24,7 @@ __all__ = [
     "all_reduce_sum",
     "differentiable_all_reduce_sum",
     "init_from_env",
+    "DEVICE_HINT",
     "resolve_device",
     "barrier",
     "destroy",
@@ -71,6 +74,9 @@ def differentiable_all_reduce_sum(x: Tensor) -> Tensor:
     return all_reduce(x, op=dist.ReduceOp.SUM)
 
 
+DEVICE_HINT = "auto, cpu, cuda or cuda:N"  # the names resolve_device accepts
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` / None: this process's CUDA device when there is one, else the CPU.
 
@@ -81,7 +87,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank())
         return torch.device("cpu")
-    resolved = torch.device(name)
+    resolved = parse_device(name, hint=DEVICE_HINT)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device={name!r} asked for, but CUDA is not available; use the CPU "

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from carlzoo.devices import parse_device
 from carlzoo.model import CARLModel
 
 __all__ = ["normalize_uint8", "extract_features"]
@@ -51,7 +52,7 @@ def extract_features(
     if layer not in ("backbone", "projection", "logits"):
         raise ValueError(f"layer={layer!r}: expected backbone, projection or logits")
     was_device = next(model.parameters()).device
-    device = torch.device(device) if device is not None else was_device
+    device = parse_device(device) if device is not None else was_device
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     was_training = model.training
