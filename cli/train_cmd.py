@@ -36,7 +36,7 @@ import click
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option(
     "--stop-after",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help="Stop after this many epochs in this call (schedules keep --epochs).",
 )

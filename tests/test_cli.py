@@ -53,6 +53,7 @@ def test_train_missing_dataset_names_path(tmp_path):
     )
     assert result.exit_code != 0
     assert "nowhere" in result.output and "--download" in result.output
+    assert not (tmp_path / "r").exists()  # the run folder is written once the data has loaded
 
 
 def test_train_bad_device_name_is_one_line_before_the_run_folder(tmp_path):
@@ -85,3 +86,12 @@ def test_train_command_runs_end_to_end(tmp_path):
     assert result.exit_code == 0, result.output
     assert "kNN top-1" in result.output
     assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_train_stop_after_must_be_at_least_one(tmp_path):
+    result = CliRunner().invoke(
+        main, ["train", "--data-root", "x", "--out", str(tmp_path / "r"), "--stop-after", "0"]
+    )
+    assert result.exit_code == 2
+    assert "Invalid value for '--stop-after': 0 is not in the range x>=1" in result.output
+    assert not (tmp_path / "r").exists()

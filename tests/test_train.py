@@ -1,4 +1,5 @@
 import json
+import logging
 import os
 import stat
 
@@ -81,13 +82,23 @@ def test_two_epoch_run_writes_metrics_checkpoints_and_config(tmp_path, tiny_npz)
     torch.testing.assert_close(model.state_dict(), ckpt.model)
 
 
-def test_resume_continues_with_the_same_losses(tmp_path, tiny_npz):
+@pytest.mark.parametrize("stop_after", [0, -1])
+def test_stop_after_below_one_is_refused_before_the_run_folder(tmp_path, tiny_npz, stop_after):
+    with pytest.raises(ValueError, match=f"stop_after must be >= 1 .*, got {stop_after}"):
+        train(tiny_config(tiny_npz), tmp_path / "run", progress=False, stop_after=stop_after)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, tiny_npz, caplog):
     cfg = tiny_config(tiny_npz, "epochs=3", "knn_every=0")
     full, split = tmp_path / "full", tmp_path / "split"
     train(cfg, full, progress=False)
     train(cfg, split, progress=False, stop_after=1)
     assert len(read_metrics(split)) == 1
     train(cfg, split, progress=False, resume=True)
+    with caplog.at_level(logging.INFO, logger="carlzoo.train"):
+        assert train(cfg, split, progress=False, resume=True) == {}
+    assert f"nothing to train: the run in {split} has finished its 3 epochs" in caplog.text
     a, b = read_metrics(full), read_metrics(split)
     assert [r["epoch"] for r in b] == [1, 2, 3]
     for ra, rb in zip(a, b, strict=True):

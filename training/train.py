@@ -256,6 +256,8 @@ def train(
     loaded, by :func:`load_split`'s split name (``"pretrain"``, ``"train"``, ``"test"``);
     they are used instead of reading the dataset again. Returns the last epoch's metrics.
     """
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"stop_after must be >= 1 (epochs to run in this call), got {stop_after}")
     out_dir = Path(out_dir)
     # ---- distributed and device -------------------------------------------------------
     wants_cuda = cfg.device.startswith("cuda") or (
@@ -276,18 +278,18 @@ def train(
         )
     ckpt_dir = out_dir / "checkpoints"
     last_path = ckpt_dir / "last.safetensors"
+    if main and not resume and last_path.exists():
+        raise FileExistsError(
+            f"{out_dir} already holds a run (checkpoints/last.safetensors);"
+            " pass --resume to continue it or choose another --out"
+        )
+
+    # ---- data (before the run folder is written, so a bad data.root leaves nothing) -----
+    pretrain, train_l, test = _load_data(cfg, splits)
     if main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and last_path.exists():
-            raise FileExistsError(
-                f"{out_dir} already holds a run (checkpoints/last.safetensors);"
-                " pass --resume to continue it or choose another --out"
-            )
         save_config(cfg, out_dir / "config.yaml")
     dist.barrier()
-
-    # ---- data -------------------------------------------------------------------------
-    pretrain, train_l, test = _load_data(cfg, splits)
     common = dict(
         seed=cfg.seed,
         rank=rank,
@@ -373,6 +375,8 @@ def train(
     collapsed_epochs = 0
     last: dict[str, Any] = {}
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
+    if start_epoch >= cfg.epochs and main:
+        log.info("nothing to train: the run in %s has finished its %d epochs", out_dir, cfg.epochs)
 
     # ---- loop -------------------------------------------------------------------------
     for epoch in range(start_epoch, end_epoch):
