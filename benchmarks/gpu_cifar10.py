@@ -53,7 +53,7 @@ import carlzoo
 from carlzoo.outputs import atomic_write, atomic_write_text
 from carlzoo.training.checkpoint import Checkpoint, save_checkpoint
 from carlzoo.training.config import ConfigError, config_to_dict, load_config
-from carlzoo.training.datasets import load_split
+from carlzoo.training.datasets import DatasetError, load_split
 from carlzoo.training.evaluate import cluster_metrics, knn_eval, linear_eval
 from carlzoo.training.features import extract_features
 from carlzoo.training.run import load_run, read_metrics
@@ -327,6 +327,11 @@ def main() -> None:
     out = Path(args.out)
     if args.lossless and not Path(args.lossless).is_file():
         p.error(f"--lossless {args.lossless}: no such file")
+    if args.lossless:
+        try:  # readable before the run folder is rebuilt
+            load_split("cifar10", args.lossless, "test")
+        except DatasetError as e:
+            p.error(f"--lossless: {e}")
     if args.join:
         join(out, Path(args.lossless) if args.lossless else None)
         return
@@ -342,6 +347,11 @@ def main() -> None:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
         p.error(str(e))
+    try:  # decoded once, before OUT exists: a bad file leaves nothing behind
+        train_set = load_split("cifar10", args.data, "train")
+        test_set = load_split("cifar10", args.data, "test")
+    except DatasetError as e:
+        p.error(f"--data: {e}")
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
@@ -353,8 +363,6 @@ def main() -> None:
         flush=True,
     )
 
-    train_set = load_split("cifar10", args.data, "train")
-    test_set = load_split("cifar10", args.data, "test")
     probe_at = {cfg.epochs // 2} if args.probe_at is None else set(args.probe_at) - {0}
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"

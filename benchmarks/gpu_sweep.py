@@ -35,7 +35,7 @@ import torch
 import carlzoo
 from carlzoo.outputs import atomic_write_text
 from carlzoo.training.config import load_config
-from carlzoo.training.datasets import ImageArrays, load_split
+from carlzoo.training.datasets import DatasetError, ImageArrays, load_split
 from carlzoo.training.run import read_metrics
 from carlzoo.training.train import CollapseError, train
 
@@ -158,6 +158,10 @@ def main() -> None:
     if not Path(args.data).is_file():
         p.error(f"--data {args.data}: no such file")
     t_start = time.perf_counter()
+    try:  # decoded once, before OUT exists: a bad file leaves nothing behind
+        splits = {split: load_split("cifar10", args.data, split) for split in ("pretrain", "test")}
+    except DatasetError as e:
+        p.error(f"--data: {e}")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
     )
@@ -174,7 +178,6 @@ def main() -> None:
         "carlzoo": carlzoo.__version__,
         "command": portable_command(sys.argv),
     }
-    splits = {split: load_split("cifar10", args.data, split) for split in ("pretrain", "test")}
     rows: list[dict[str, Any]] = []
     for i, (name, changes) in enumerate(args.variants):
         left = (args.time_limit - (time.perf_counter() - t_start)) if args.time_limit else None

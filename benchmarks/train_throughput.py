@@ -34,7 +34,7 @@ from carlzoo.outputs import atomic_write_text
 from carlzoo.training.augment import AUGMENT_PRESETS
 from carlzoo.training.config import TrainConfig
 from carlzoo.training.data import DataLoaderPipeline, DevicePipeline
-from carlzoo.training.datasets import load_split
+from carlzoo.training.datasets import DatasetError, load_split
 from carlzoo.training.loss import CARLLoss
 from carlzoo.training.train import build_optimizer, training_step
 
@@ -161,7 +161,10 @@ def main() -> None:
     channels_last = device.type == "cuda"
 
     if args.data:
-        images = load_split("npz", args.data, "train").images
+        try:
+            images = load_split("npz", args.data, "train").images
+        except DatasetError as e:
+            sys.exit(f"train_throughput.py: error: --data: {e}")
     else:
         n = max(4 * args.batch_size, 2048 if args.cpu_smoke else CIFAR10_TRAIN)
         images = np.random.default_rng(0).integers(

@@ -156,6 +156,8 @@ def test_gpu_scripts_refuse_bad_input_before_writing(tmp_path):
     data = tmp_path / "c10.npz"
     x = np.zeros((8, 32, 32, 3), np.uint8)
     np.savez(data, x_train=x, y_train=np.zeros(8), x_test=x, y_test=np.zeros(8))
+    npy = tmp_path / "c10.npy"  # one array: np.save, not np.savez
+    np.save(npy, x)
     gpu = str(ROOT / "benchmarks" / "gpu_cifar10.py")
     sweep = str(ROOT / "benchmarks" / "gpu_sweep.py")
     out = tmp_path / "out"
@@ -166,8 +168,20 @@ def test_gpu_scripts_refuse_bad_input_before_writing(tmp_path):
         ([gpu, "--out", str(out), "--join", "--lossless", "gone.npz"], "gone.npz: no such file"),
         ([sweep, "--data", "nope.npz", "--out", str(out), "--epochs", "1", "--variant", "a"],
          "nope.npz: no such file"),
+        ([gpu, "--data", str(npy), "--out", str(out)], f"--data: cifar10: {npy} is not an .npz"),
+        ([sweep, "--data", str(npy), "--out", str(out), "--epochs", "1", "--variant", "a"],
+         f"--data: cifar10: {npy} is not an .npz file"),
+        ([gpu, "--out", str(out), "--join", "--lossless", str(npy)],
+         f"--lossless: cifar10: {npy} is not an .npz file"),
     ]  # fmt: skip
     for args, message in cases:
         result = _run_script(*args)
         assert result.returncode == 2 and message in result.stderr.splitlines()[-1], args
         assert not out.exists()
+    throughput = str(ROOT / "benchmarks" / "train_throughput.py")
+    result = _run_script(throughput, "--data", str(npy), "--cpu-smoke")
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"train_throughput.py: error: --data: npz: {npy} is not an .npz file (a zip of named "
+        "arrays, as np.savez writes)"
+    )

@@ -558,8 +558,13 @@ def test_npz_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         load_split("npz", tmp_path / "missing.npz", "train")
     (tmp_path / "junk.npz").write_bytes(b"garbage")
-    with pytest.raises(DatasetError, match="junk.npz is not a readable .npz"):
-        load_split("npz", tmp_path / "junk.npz", "train")
+    np.save(tmp_path / "array.npy", x)  # one array, not an archive of named arrays
+    for bad in ("junk.npz", "array.npy"):
+        with pytest.raises(DatasetError, match=f"{bad} is not an .npz file \\(a zip of named"):
+            load_split("npz", tmp_path / bad, "train")
+    # A named dataset given a file (any suffix) reads it as an array file, not a release folder.
+    with pytest.raises(DatasetError, match=r"cifar10: .*array.npy is not an .npz file"):
+        load_split("cifar10", tmp_path / "array.npy", "train")
 
 
 def test_npz_with_encoded_images(tmp_path):

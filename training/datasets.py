@@ -137,10 +137,11 @@ def load_split(
     root = Path(root).expanduser()
     # A named dataset may also come as an array file (x_train, y_train, x_test, y_test, plain
     # or encoded): e.g. `--dataset cifar10 --data-root cifar10.npz`. Runs then record the
-    # dataset's real name rather than "npz".
+    # dataset's real name rather than "npz". A file, whatever its suffix, cannot be a
+    # release folder, so it is read as an array file too (and refused there if it is not one).
     loader = (
         _LOADERS["npz"]
-        if root.suffix == ".npz" and name not in FOLDER_DATASETS
+        if (root.suffix == ".npz" or root.is_file()) and name not in FOLDER_DATASETS
         else _LOADERS[name]
     )
     data = loader(name, root, split, download, image_size)
@@ -523,6 +524,11 @@ def _npz_array(name: str, path: Path, npz: Any, key: str) -> np.ndarray:
 
 
 def _open_npz(name: str, path: Path) -> Any:
+    # np.load would return an array for a .npy file and call any other file "pickled".
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(
+            f"{name}: {path} is not an .npz file (a zip of named arrays, as np.savez writes)"
+        )
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
