@@ -168,11 +168,11 @@ def test_gpu_scripts_refuse_bad_input_before_writing(tmp_path):
         ([gpu, "--out", str(out), "--join", "--lossless", "gone.npz"], "gone.npz: no such file"),
         ([sweep, "--data", "nope.npz", "--out", str(out), "--epochs", "1", "--variant", "a"],
          "nope.npz: no such file"),
-        ([gpu, "--data", str(npy), "--out", str(out)], f"--data: cifar10: {npy} is not an .npz"),
+        ([gpu, "--data", str(npy), "--out", str(out)], f"--data: cifar10: {npy} is a file; point"),
         ([sweep, "--data", str(npy), "--out", str(out), "--epochs", "1", "--variant", "a"],
-         f"--data: cifar10: {npy} is not an .npz file"),
+         f"--data: cifar10: {npy} is a file; point"),
         ([gpu, "--out", str(out), "--join", "--lossless", str(npy)],
-         f"--lossless: cifar10: {npy} is not an .npz file"),
+         f"--lossless: cifar10: {npy} is a file; point"),
     ]  # fmt: skip
     for args, message in cases:
         result = _run_script(*args)

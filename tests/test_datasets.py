@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -562,9 +563,32 @@ def test_npz_errors(tmp_path: Path) -> None:
     for bad in ("junk.npz", "array.npy"):
         with pytest.raises(DatasetError, match=f"{bad} is not an .npz file \\(a zip of named"):
             load_split("npz", tmp_path / bad, "train")
-    # A named dataset given a file (any suffix) reads it as an array file, not a release folder.
-    with pytest.raises(DatasetError, match=r"cifar10: .*array.npy is not an .npz file"):
-        load_split("cifar10", tmp_path / "array.npy", "train")
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:  # a zip, but of JPEGs
+        archive.writestr("train/0.JPEG", b"\xff\xd8")
+    with pytest.raises(DatasetError, match=r"images.zip is not an .npz .*holds no .npy arrays"):
+        load_split("npz", tmp_path / "images.zip", "train")
+    np.savez(path, **{f"k{i}": np.zeros(1) for i in range(20)})
+    with pytest.raises(DatasetError, match=r"keys: k0, k1, .*, k7, \.\.\. \(20 in all\)\)$"):
+        load_split("npz", path, "train")
+
+
+@pytest.mark.parametrize(
+    ("name", "holds"),
+    [
+        ("cifar10", "cifar-10-batches-py (the unpacked release)"),
+        ("tinyimagenet", "tiny-imagenet-200 (the unpacked release)"),
+        ("imagenet64", "train_data_batch_1..10.npz and val_data.npz"),
+    ],
+)
+def test_a_named_dataset_given_a_file_says_what_to_point_at(tmp_path, name, holds):
+    archive = tmp_path / "release.tar.gz"  # e.g. the downloaded archive itself
+    archive.write_bytes(b"\x1f\x8b")
+    with pytest.raises(DatasetError) as info:
+        load_split(name, archive, "train")
+    assert str(info.value) == (
+        f"{name}: {archive} is a file; point --data-root at the folder that holds {holds} "
+        "or at an .npz file of arrays"
+    )
 
 
 def test_npz_with_encoded_images(tmp_path):

@@ -137,13 +137,20 @@ def load_split(
     root = Path(root).expanduser()
     # A named dataset may also come as an array file (x_train, y_train, x_test, y_test, plain
     # or encoded): e.g. `--dataset cifar10 --data-root cifar10.npz`. Runs then record the
-    # dataset's real name rather than "npz". A file, whatever its suffix, cannot be a
-    # release folder, so it is read as an array file too (and refused there if it is not one).
-    loader = (
-        _LOADERS["npz"]
-        if (root.suffix == ".npz" or root.is_file()) and name not in FOLDER_DATASETS
-        else _LOADERS[name]
-    )
+    # dataset's real name rather than "npz".
+    is_npz = root.suffix == ".npz" and name not in FOLDER_DATASETS
+    if not is_npz and root.is_file() and name not in (*FOLDER_DATASETS, "npz"):
+        # e.g. the downloaded archive itself
+        holds = (
+            f"{_RELEASES[name].folder} (the unpacked release)"
+            if name in _RELEASES
+            else "train_data_batch_1..10.npz and val_data.npz"  # imagenet64
+        )
+        raise DatasetError(
+            f"{name}: {root} is a file; point --data-root at the folder that holds {holds} "
+            "or at an .npz file of arrays"
+        )
+    loader = _LOADERS["npz"] if is_npz else _LOADERS[name]
     data = loader(name, root, split, download, image_size)
     if name == "stl10" and loader is _LOADERS["npz"] and split == "pretrain":
         data = ImageArrays(data.images, None, data.classes)
@@ -516,7 +523,9 @@ def _imagenet64_files(name: str, root: Path, split: str, download: bool) -> list
 
 def _npz_array(name: str, path: Path, npz: Any, key: str) -> np.ndarray:
     if key not in npz.files:
-        raise DatasetError(f"{name}: {path} has no key {key!r} (keys: {', '.join(npz.files)})")
+        more = f", ... ({len(npz.files)} in all)" if len(npz.files) > 8 else ""
+        keys = ", ".join(npz.files[:8]) + more
+        raise DatasetError(f"{name}: {path} has no key {key!r} (keys: {keys})")
     try:
         return npz[key]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
@@ -524,11 +533,16 @@ def _npz_array(name: str, path: Path, npz: Any, key: str) -> np.ndarray:
 
 
 def _open_npz(name: str, path: Path) -> Any:
-    # np.load would return an array for a .npy file and call any other file "pickled".
-    if not zipfile.is_zipfile(path):
-        raise DatasetError(
-            f"{name}: {path} is not an .npz file (a zip of named arrays, as np.savez writes)"
-        )
+    # np.load would return an array for a .npy file, call any other file "pickled" and open
+    # any zip (e.g. a folder of JPEGs) as an archive of arrays.
+    not_npz = f"{name}: {path} is not an .npz file (a zip of named arrays, as np.savez writes)"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise DatasetError(not_npz) from None
+    if not any(m.endswith(".npy") for m in members):
+        raise DatasetError(f"{not_npz}; this zip holds no .npy arrays")
     try:
         return np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
