@@ -63,9 +63,6 @@ _DATA_BOUNDS: dict[str, Bound] = {
     "workers": NON_NEGATIVE,
     "subset": NON_NEGATIVE,
 }
-_DATA_CHOICES = {"dataset": DATASETS, "pipeline": ("device", "dataloader")}
-_OPTIM_CHOICES = {"optimizer": ("sgd", "lars")}
-_TRAIN_CHOICES = {"precision": ("bf16", "fp32")}
 _OPTIM_BOUNDS: dict[str, Bound] = {
     "batch_size": AT_LEAST_ONE,
     "lr": POSITIVE,
@@ -92,6 +89,9 @@ _TRAIN_BOUNDS: dict[str, Bound] = {
     "collapse_floor": NON_NEGATIVE,
     "collapse_patience": AT_LEAST_ONE,
 }
+_DATA_CHOICES = {"dataset": DATASETS, "pipeline": ("device", "dataloader")}
+_OPTIM_CHOICES = {"optimizer": ("sgd", "lars")}
+_TRAIN_CHOICES = {"precision": ("bf16", "fp32")}
 
 
 @dataclass(frozen=True)
