@@ -262,6 +262,8 @@ class ImageTransform:
 
         if not isinstance(img, Image.Image):
             raise TypeError(f"transform expects a PIL image, got {type(img).__name__}")
+        if 0 in img.size:
+            raise ValueError(f"cannot transform an empty image ({img.size[0]}x{img.size[1]})")
         arr = np.asarray(self.resize_crop(to_rgb(img)), dtype=np.float32)  # (S, S, 3)
         arr = (arr.transpose(2, 0, 1) / np.float32(255.0) - self.mean) / self.std
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))

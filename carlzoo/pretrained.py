@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -201,7 +202,26 @@ class Assignment(NamedTuple):
     probabilities: Tensor  # (N, K) float: the full assignment (softmax of the logits)
 
 
-ImageInput = Tensor | Image.Image | str | os.PathLike | Sequence[Any]
+ImageInput = Tensor | np.ndarray | Image.Image | str | os.PathLike | Sequence[Any]
+_INPUTS = (
+    "give a (N, 3, S, S) float tensor, a PIL image, a uint8 array (H, W, 3) or (N, H, W, 3), "
+    "a path, or a list of these"
+)
+
+
+def _array_image(a: np.ndarray) -> Image.Image:
+    """A uint8 image array, channels last: (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA."""
+    if a.dtype != np.uint8:
+        raise ValueError(
+            f"expected uint8 image arrays (0..255), got {a.dtype}; convert to uint8, or pass a "
+            "float tensor already normalised"
+        )
+    if a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4)):
+        return Image.fromarray(np.ascontiguousarray(a))
+    raise ValueError(
+        f"expected an image array of shape (H, W), (H, W, 3) or (H, W, 4), channels last, got "
+        f"{a.shape}"
+    )
 
 
 class _Inference:
@@ -242,15 +262,14 @@ class _Inference:
         """One list element -> a (n, 3, S, S) tensor."""
         if isinstance(item, Tensor):
             return self._check_tensor(item)
+        if isinstance(item, np.ndarray):
+            item = _array_image(item)
         if isinstance(item, Image.Image):
             return self.transform(item).unsqueeze(0)
         if isinstance(item, (str, os.PathLike)):
             img = read_image(item, min_side=self.config.preprocessing.resize_size)
             return self.transform(img).unsqueeze(0)
-        raise TypeError(
-            f"cannot embed a {type(item).__name__}: give a (N, 3, S, S) tensor, a "
-            "PIL image, a path, or a list of images/paths"
-        )
+        raise TypeError(f"cannot embed a value of type {type(item).__name__}: {_INPUTS}")
 
     def _batches(self, x: Any, batch_size: int) -> Iterator[Tensor]:
         if batch_size < 1:
@@ -260,7 +279,21 @@ class _Inference:
             for i in range(0, x.shape[0], batch_size):
                 yield x[i : i + batch_size]
             return
-        items = [x] if isinstance(x, (Image.Image, str, os.PathLike)) else list(x)
+        if isinstance(x, (Image.Image, str, os.PathLike)) or (
+            isinstance(x, np.ndarray) and x.ndim in (2, 3)
+        ):
+            items = [x]
+        elif isinstance(x, np.ndarray) and (x.ndim != 4 or x.shape[3] not in (3, 4)):
+            raise ValueError(
+                f"expected a uint8 image array (H, W, 3) or a batch (N, H, W, 3), channels last, "
+                f"got {x.shape}"
+            )
+        else:
+            try:
+                items = list(x)
+            except TypeError:
+                kind = type(x).__name__
+                raise TypeError(f"cannot embed a value of type {kind}: {_INPUTS}") from None
         if not items:
             raise ValueError("no images given")
         for i in range(0, len(items), batch_size):
@@ -270,7 +303,8 @@ class _Inference:
         self, x: ImageInput, batch_size: int | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(features, projection, logits) as float32 CPU tensors for any accepted input."""
-        outs = [self._run(b) for b in self._batches(x, batch_size or self.default_batch_size)]
+        size = self.default_batch_size if batch_size is None else batch_size
+        outs = [self._run(b) for b in self._batches(x, size)]
         return tuple(torch.cat([o[i] for o in outs]) for i in range(3))  # type: ignore[return-value]
 
     def embed(
@@ -283,8 +317,9 @@ class _Inference:
         """Embeddings (N, D) float32 on the CPU.
 
         ``x``: a (N, 3, S, S) float tensor already normalised (or one (3, S, S) image), a PIL
-        image, a path, or a list of PIL images / paths (decoded with
-        :func:`carlzoo.images.read_image` and ``self.transform``). ``layer``: "backbone"
+        image, a uint8 array (H, W, 3) or batch (N, H, W, 3) such as CIFAR's, a path, or a
+        list of these (decoded with :func:`carlzoo.images.read_image`; images and arrays go
+        through ``self.transform``, the model's preprocessing). ``layer``: "backbone"
         (the features linear probes and kNN use) or "projection" (z). ``normalize``: L2-
         normalise each row.
         """
@@ -743,6 +778,11 @@ def load(
     if not isinstance(spec, (str, os.PathLike)):
         raise ZooError(f"model spec must be a string or path, got {type(spec).__name__}")
     text = os.fspath(spec)
+    if not text.strip():
+        raise ZooError(
+            "model spec is empty: give a zoo name (carlzoo.list_models()), a model folder or "
+            "hf-hub:org/repo"
+        )
     if isinstance(spec, str) and text.startswith(_HUB_PREFIX):
         repo_id, rev = _parse_hub_spec(text, revision)
         label = f"hf-hub:{repo_id}" + (f"@{rev}" if rev else "")

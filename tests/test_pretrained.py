@@ -342,6 +342,23 @@ def test_embed_accepts_paths_pil_and_lists_consistently(
     assert torch.equal(loaded.assign(paths, top_k=2).ids, loaded.assign(tensors, top_k=2).ids)
 
 
+def test_embed_accepts_uint8_arrays_through_the_same_preprocessing(
+    loaded: PretrainedCARL,
+) -> None:
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (4, 20, 26, 3), dtype=np.uint8)  # resized and cropped to 16
+    ref = loaded.embed([Image.fromarray(a) for a in batch])
+    torch.testing.assert_close(loaded.embed(batch), ref)
+    torch.testing.assert_close(loaded.embed(list(batch), batch_size=3), ref)
+    torch.testing.assert_close(loaded.embed(batch[1]), ref[1:2], rtol=1e-4, atol=1e-5)
+    gray, rgba = batch[0, ..., 0], rng.integers(0, 256, (18, 18, 4), dtype=np.uint8)
+    torch.testing.assert_close(
+        loaded.embed([gray, rgba]), loaded.embed([Image.fromarray(gray), Image.fromarray(rgba)])
+    )
+    pil = [Image.fromarray(a) for a in batch]
+    assert torch.equal(loaded.assign(batch, top_k=2).ids, loaded.assign(pil, top_k=2).ids)
+
+
 def test_embed_input_errors(loaded: PretrainedCARL, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"expected 16x16 images .* got \(32, 32\)"):
         loaded.embed(torch.randn(2, 3, 32, 32))
@@ -351,8 +368,20 @@ def test_embed_input_errors(loaded: PretrainedCARL, tmp_path: Path) -> None:
         loaded.embed(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
     with pytest.raises(ValueError, match="no images given"):
         loaded.embed([])
-    with pytest.raises(TypeError, match="cannot embed a int"):
+    with pytest.raises(TypeError, match="cannot embed a value of type int: give a"):
         loaded.embed([3])
+    with pytest.raises(TypeError, match="cannot embed a value of type int: give a"):
+        loaded.embed(3)
+    with pytest.raises(ValueError, match=r"expected uint8 image arrays \(0..255\), got float64"):
+        loaded.embed(np.random.default_rng(0).random((16, 16, 3)))
+    with pytest.raises(ValueError, match=r"a batch \(N, H, W, 3\), channels last, got \(2, 3, 16"):
+        loaded.embed(np.zeros((2, 3, 16, 16), np.uint8))
+    with pytest.raises(ValueError, match=r"got \(16,\)"):
+        loaded.embed(np.zeros(16, np.uint8))
+    with pytest.raises(ValueError, match=r"cannot transform an empty image \(0x0\)"):
+        loaded.embed(Image.new("RGB", (0, 0)))
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        loaded.embed([Image.new("RGB", (16, 16))], batch_size=0)
     from carlzoo.images import BadImage
 
     with pytest.raises(BadImage, match=f"cannot read image {tmp_path / 'gone.png'}: no such"):
@@ -550,6 +579,8 @@ def test_load_spec_errors(folder: Path) -> None:
         load("carlzoo/carl-x")
     with pytest.raises(ZooError, match="backend='jax'"):
         load(str(folder), backend="jax")
+    with pytest.raises(ZooError, match="model spec is empty: give a zoo name"):
+        load("")  # not the current folder
     with pytest.raises(ZooError, match="revision='abc' applies to Hub models"):
         load(str(folder), revision="abc")
     with pytest.raises(ZooError, match="not a valid Hub spec"):
