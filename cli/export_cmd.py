@@ -19,7 +19,12 @@ import click
     "README.md, training_config.json, metrics.json).",
 )
 @click.option("--no-onnx", is_flag=True, help="Do not write model.onnx.")
-@click.option("--opset", type=int, default=None, help="ONNX opset (default 18).")
+@click.option(
+    "--opset",
+    type=int,
+    default=None,
+    help="ONNX opset: 18 (the default) up to the installed onnx's newest.",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "float16"]),

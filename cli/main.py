@@ -22,7 +22,9 @@ from carlzoo.cli.zoo_cmd import assign, embed, info, list_cmd
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """carlzoo: CARL encoders: train, evaluate, export and extract embeddings."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    # carlzoo's progress at INFO; other libraries (e.g. onnxscript's optimiser) only warn.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("carlzoo").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 for _command in (list_cmd, info, embed, assign, probe, train, export, push):

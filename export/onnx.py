@@ -29,6 +29,7 @@ import io
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -36,9 +37,19 @@ from torch import Tensor, nn
 from carlzoo.model import CARLModel
 from carlzoo.outputs import atomic_write
 
-__all__ = ["DEFAULT_OPSET", "OUTPUT_NAMES", "export_onnx", "onnx_parity", "add_onnx", "main"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "MIN_OPSET",
+    "OUTPUT_NAMES",
+    "check_opset",
+    "export_onnx",
+    "onnx_parity",
+    "add_onnx",
+    "main",
+]
 
 DEFAULT_OPSET = 18
+MIN_OPSET = 18  # torch.onnx (dynamo) writes 18 or newer; it turns an older request into 18
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("features", "projection", "logits")
 _BN_STATS = ("running_mean", "running_var")
@@ -54,6 +65,27 @@ class _Outputs(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = self.model(images)
         return out.features, out.projection, out.logits
+
+
+def check_opset(opset: int | None) -> int:
+    """The opset to export with (``DEFAULT_OPSET`` for None); ``ValueError`` outside
+    ``MIN_OPSET`` .. the newest opset of the installed onnx, which the exporter would not
+    write as asked."""
+    import onnx
+
+    value = DEFAULT_OPSET if opset is None else opset
+    newest = onnx.defs.onnx_opset_version()
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_OPSET <= value <= newest:
+        raise ValueError(
+            f"opset {value!r} cannot be exported: use {MIN_OPSET} to {newest} (the exporter's "
+            f"oldest, the installed onnx's newest; default {DEFAULT_OPSET})"
+        )
+    return value
+
+
+def _written_opset(model_proto: Any) -> int | None:
+    versions = {i.domain or "ai.onnx": i.version for i in model_proto.opset_import}
+    return versions.get("ai.onnx")
 
 
 def _to_fp16_initializers(model_proto: object) -> None:
@@ -104,7 +136,7 @@ def export_onnx(
         raise ValueError(f"exporter={exporter!r}: expected 'dynamo' or 'torchscript'")
     if int(input_size) < 1:
         raise ValueError(f"input_size must be >= 1, got {input_size}")
-    opset = DEFAULT_OPSET if opset is None else int(opset)
+    opset = check_opset(opset)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = _Outputs(copy.deepcopy(model).to("cpu", torch.float32)).eval()
@@ -140,6 +172,10 @@ def export_onnx(
                 dynamo=False,
             )
             model_proto = onnx.load_from_string(buf.getvalue())
+    if _written_opset(model_proto) != opset:  # a silent fallback would mislabel the file
+        raise ValueError(
+            f"the exporter wrote opset {_written_opset(model_proto)}, not the {opset} asked for"
+        )
     if dtype == "float16":
         _to_fp16_initializers(model_proto)
     model_proto.doc_string = f"carlzoo CARL encoder ({dtype} weights, {exporter} exporter)"
@@ -259,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Add model.onnx to a carlzoo model folder.",
     )
     parser.add_argument("folder", help="model folder (config.json + model.safetensors)")
-    parser.add_argument("--opset", type=int, default=None, help=f"default {DEFAULT_OPSET}")
+    parser.add_argument(
+        "--opset", type=int, default=None, help=f"{MIN_OPSET} or newer (default {DEFAULT_OPSET})"
+    )
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     args = parser.parse_args(argv)
     from carlzoo.registry import ZooError

@@ -46,8 +46,8 @@ from torch import Tensor
 
 from carlzoo.export.card import DATASET_TITLES, CardContext, Result, render_model_card
 from carlzoo.export.onnx import (
-    DEFAULT_OPSET,
     PARITY_TOL,
+    check_opset,
     export_onnx,
     onnx_parity,
     parity_failure,
@@ -393,6 +393,11 @@ def export_model(
 
     if dtype not in _DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+    if onnx:
+        try:
+            check_opset(opset)
+        except ValueError as e:
+            raise ExportError(f"--{e}") from None  # "--opset 0 cannot be exported: ..."
     source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"--out {out_dir} exists and is not a folder; choose another path")
@@ -478,7 +483,7 @@ def export_model(
             )
         parity = None
         if onnx:
-            used_opset = DEFAULT_OPSET if opset is None else int(opset)
+            used_opset = check_opset(opset)  # checked on entry too
             if real_images is not None:
                 from carlzoo.images import read_image
 

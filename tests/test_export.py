@@ -352,6 +352,37 @@ def test_failed_onnx_export_leaves_nothing(
     assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path) == []
 
 
+def test_an_opset_the_exporter_cannot_write_is_refused_before_any_work(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    for opset in (0, 17, newest + 1):  # torch.onnx would write 18 for each of them
+        args = [str(run_dir), "--out", str(tmp_path / "m"), "--opset", str(opset)]
+        msg = _error(_cli(export, args))
+        assert msg == (
+            f"Error: --opset {opset} cannot be exported: use 18 to {newest} (the exporter's "
+            "oldest, the installed onnx's newest; default 18)"
+        )
+        assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path) == []
+
+
+def test_export_command_prints_only_its_own_lines(run_dir: Path, tmp_path: Path) -> None:
+    # The exporter's optimiser logs at INFO ("Removed 201 unused nodes", ...): not on our screen.
+    proc = subprocess.run(
+        [sys.executable, "-m", "carlzoo.cli", "export", str(run_dir), "--out", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert lines[0].startswith(f"wrote {tmp_path / 'm'}: ")
+    ours = ("wrote ", "ONNX parity on ", "measured metrics: ")
+    assert all(ln.startswith(ours) for ln in lines), lines
+
+
 def test_parity_beyond_the_limit_is_an_error(exported) -> None:
     model = from_pretrained(exported.out_dir)
     x = torch.randn(2, 3, 16, 16)

@@ -166,6 +166,21 @@ def test_missing_onnx_file_says_how_to_export(model: CARLModel, tmp_path: Path) 
         load(str(out), backend="onnx")
 
 
+def test_the_opset_asked_for_is_the_opset_written(
+    model: CARLModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = export_onnx(model, tmp_path / "m20.onnx", input_size=SIZE, opset=20)
+    written = onnx.load(str(path)).opset_import
+    assert [i.version for i in written if i.domain in ("", "ai.onnx")] == [20]
+    with pytest.raises(ValueError, match=r"^opset 17 cannot be exported: use 18 to"):
+        export_onnx(model, tmp_path / "m17.onnx", input_size=SIZE, opset=17)
+    # Were the range check to let 17 through, torch.onnx would quietly write opset 18.
+    monkeypatch.setattr(onnx_export, "check_opset", lambda opset: opset)
+    with pytest.raises(ValueError, match="the exporter wrote opset 18, not the 17 asked for"):
+        export_onnx(model, tmp_path / "m17.onnx", input_size=SIZE, opset=17)
+    assert not (tmp_path / "m17.onnx").exists()
+
+
 def test_both_backends_refuse_a_device_they_cannot_use(folder: Path) -> None:
     with pytest.raises(ZooError, match=r"^device='gpu' is not a device name; use cpu, cuda or"):
         load(str(folder), device="gpu")
