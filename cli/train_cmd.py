@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -82,6 +83,16 @@ def train(
         last = run_training(
             cfg, Path(out_dir), resume=resume, progress=not no_progress, stop_after=stop_after
         )
+    except KeyboardInterrupt:
+        saved = Path(out_dir) / "checkpoints" / "last.safetensors"
+        click.echo(
+            f"\ninterrupted: {saved} holds the last saved epoch; continue with the same command "
+            "and --resume"
+            if saved.is_file()
+            else "\ninterrupted before the first checkpoint: nothing to resume",
+            err=True,
+        )
+        sys.exit(130)
     except (
         ConfigError,
         DatasetError,

@@ -95,3 +95,26 @@ def test_train_stop_after_must_be_at_least_one(tmp_path):
     assert result.exit_code == 2
     assert "Invalid value for '--stop-after': 0 is not in the range x>=1" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_train_interrupted_says_how_to_continue(tmp_path, monkeypatch):
+    import carlzoo.training.train
+
+    def interrupted(cfg, out_dir, **kwargs):
+        if kwargs["resume"]:  # the second call: a checkpoint was saved before the interrupt
+            (out_dir / "checkpoints").mkdir(parents=True)
+            (out_dir / "checkpoints" / "last.safetensors").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(carlzoo.training.train, "train", interrupted)
+    args = ["train", "--data-root", "x", "--out", str(tmp_path / "r")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 130
+    assert result.output.strip() == "interrupted before the first checkpoint: nothing to resume"
+    result = CliRunner().invoke(main, [*args, "--resume"])
+    assert result.exit_code == 130
+    saved = tmp_path / "r" / "checkpoints" / "last.safetensors"
+    assert result.output.strip() == (
+        f"interrupted: {saved} holds the last saved epoch; continue with the same command and "
+        "--resume"
+    )
