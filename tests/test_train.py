@@ -12,6 +12,7 @@ from carlzoo.training.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
+    read_checkpoint_meta,
     save_checkpoint,
 )
 from carlzoo.training.config import load_config
@@ -183,6 +184,43 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path, tiny_npz):
     train(cfg, tmp_path / "run", progress=False)
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def test_resume_refuses_other_training_settings_but_not_runtime_ones(tmp_path, tiny_npz):
+    cfg = tiny_config(tiny_npz, "epochs=3", "knn_every=0")
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, stop_after=1)
+    saved_yaml = (run / "config.yaml").read_text()
+    with pytest.raises(ValueError) as info:
+        train(tiny_config(tiny_npz, "epochs=3", "knn_every=0", "model.width=8"), run,
+              progress=False, resume=True)  # fmt: skip
+    assert str(info.value) == (
+        f"--resume: the run in {run} was trained with other settings: model.width (4 -> 8); "
+        f"resume it with its own (--config {run / 'config.yaml'}) or choose another --out"
+    )
+    changed = tiny_config(tiny_npz, "epochs=4", "knn_every=0", "optim.lr=5", "seed=1",
+                          "augment.flip_p=0", "loss.kl_end=1")  # fmt: skip
+    with pytest.raises(ValueError, match=r"other settings: augment.flip_p \(0.5 -> 0.0\), "
+                       r"epochs \(3 -> 4\), loss.kl_end \(1.5 -> 1.0\), optim.lr \(0.6 -> 5.0\) "
+                       r"and 1 more; resume"):  # fmt: skip
+        train(changed, run, progress=False, resume=True)
+    assert (run / "config.yaml").read_text() == saved_yaml  # refused before anything is written
+    # Where the run happens, what it logs and how often it saves may change.
+    runtime = tiny_config(tiny_npz, "epochs=3", "knn_every=1", "log_every=7", "save_every=2",
+                          "precision=fp32", f"data.root={tiny_npz}")  # fmt: skip
+    assert train(runtime, run, progress=False, resume=True)["epoch"] == 3
+
+
+def test_checkpoint_metadata_is_read_without_the_tensors(tmp_path, tiny_npz, monkeypatch):
+    cfg = tiny_config(tiny_npz, "epochs=1", "knn_every=0")
+    train(cfg, tmp_path / "run", progress=False)
+    import carlzoo.training.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_file", lambda *a, **k: pytest.fail("tensors read"))
+    meta = read_checkpoint_meta(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    assert (meta["epoch"], meta["step"], meta["config"]["model"]["width"]) == (1, 3, 4)
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint_meta(tmp_path / "nope.safetensors")
 
 
 def test_collapse_guard_stops_a_collapsing_run(tmp_path, tiny_npz):

@@ -24,6 +24,7 @@ __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
+    "read_checkpoint_meta",
     "split_optimizer_state",
     "join_optimizer_state",
 ]
@@ -91,8 +92,9 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint written by :func:`save_checkpoint`."""
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint (epoch, step, config, metrics, ...), read from the
+    file's header without loading its tensors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
@@ -101,23 +103,23 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
         with safe_open(str(path), framework="pt") as f:
             raw_meta = (f.metadata() or {}).get("carlzoo")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is not a readable safetensors file ({e})"
+        ) from None
+    return _parse_meta(path, raw_meta)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by :func:`save_checkpoint`."""
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    try:
         tensors = load_file(str(path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint {path} is not a readable safetensors file ({e})"
         ) from None
-    if raw_meta is None:
-        raise CheckpointError(
-            f"checkpoint {path} has no carlzoo metadata; expected a file written by `carlzoo train`"
-        )
-    try:
-        meta = json.loads(raw_meta)
-    except json.JSONDecodeError:
-        raise CheckpointError(f"checkpoint {path} has corrupt metadata") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r}"
-        )
     model = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
     optimizer = None
@@ -133,3 +135,19 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         metrics=meta.get("metrics", {}),
         rng=rng,
     )
+
+
+def _parse_meta(path: Path, raw_meta: str | None) -> dict[str, Any]:
+    if raw_meta is None:
+        raise CheckpointError(
+            f"checkpoint {path} has no carlzoo metadata; expected a file written by `carlzoo train`"
+        )
+    try:
+        meta = json.loads(raw_meta)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {path} has corrupt metadata") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r}"
+        )
+    return meta

@@ -25,7 +25,12 @@ from torch import Tensor, nn
 from carlzoo.model import CARLModel, build_model
 from carlzoo.outputs import atomic_write_text
 from carlzoo.training import dist
-from carlzoo.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from carlzoo.training.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+)
 from carlzoo.training.config import TrainConfig, config_to_dict, save_config
 from carlzoo.training.data import DataLoaderPipeline, DevicePipeline
 from carlzoo.training.datasets import FOLDER_DATASETS, ImageArrays, load_split
@@ -37,6 +42,8 @@ from carlzoo.training.run import read_metrics
 
 __all__ = [
     "train",
+    "RESUME_MAY_CHANGE",
+    "resume_mismatch",
     "CollapseError",
     "cosine_schedule",
     "build_optimizer",
@@ -235,6 +242,55 @@ def _collapse_message(eff: float, cfg: TrainConfig, epochs: int) -> str:
     )
 
 
+# What a resumed run may change: where and how it runs, what it logs and monitors, how often
+# it saves. Every other setting defines what is trained and must match the checkpoint's.
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "device",
+        "precision",
+        "channels_last",
+        "compile",
+        "sync_bn",
+        "checkpoint_every",
+        "save_every",
+        "log_every",
+        "knn_every",
+        "knn_k",
+        "knn_t",
+        "knn_max_train",
+        "collapse_floor",
+        "collapse_patience",
+        "data.root",
+        "data.download",
+        "data.workers",
+        "data.device_budget_gb",
+        "data.pipeline",
+    }
+)
+
+
+def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def resume_mismatch(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
+    """``"key (saved -> now)"`` for each setting outside :data:`RESUME_MAY_CHANGE` where
+    ``cfg`` differs from ``saved``, a checkpoint's config (keys only one side knows, from
+    another carlzoo version, are not compared)."""
+    old, new = _flat(saved), _flat(config_to_dict(cfg))
+    return [
+        f"{key} ({old[key]!r} -> {new[key]!r})"
+        for key in sorted(old.keys() & new.keys())
+        if key not in RESUME_MAY_CHANGE and old[key] != new[key]
+    ]
+
+
 def train(
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -283,6 +339,15 @@ def train(
             f"{out_dir} already holds a run (checkpoints/last.safetensors);"
             " pass --resume to continue it or choose another --out"
         )
+    if resume and last_path.exists():
+        changed = resume_mismatch(read_checkpoint_meta(last_path).get("config", {}), cfg)
+        if changed:
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise ValueError(
+                f"--resume: the run in {out_dir} was trained with other settings: "
+                f"{', '.join(changed[:4])}{more}; resume it with its own "
+                f"(--config {out_dir / 'config.yaml'}) or choose another --out"
+            )
 
     # ---- data (before the run folder is written, so a bad data.root leaves nothing) -----
     pretrain, train_l, test = _load_data(cfg, splits)
