@@ -195,34 +195,30 @@ def _portable_evaluation(ev: dict[str, Any]) -> dict[str, Any]:
 def detect_recipe(cfg: Any) -> tuple[str | None, dict[str, Any]]:
     """(``training/configs/<recipe>.yaml``, changed keys): of the recipes for the run's dataset
     (``cifar10.yaml``, ``cifar10_fast.yaml``, ...), the one the run changes least."""
-    from carlzoo.training.config import PRESETS, config_to_dict, load_config, preset_path
+    from carlzoo.training.config import (
+        PRESETS,
+        config_to_dict,
+        flat_config,
+        load_config,
+        preset_path,
+    )
 
     dataset = cfg.data.dataset
     if dataset not in PRESETS:
         return None, {}
-    ours = _flatten(config_to_dict(cfg))
+    ours = flat_config(config_to_dict(cfg))
     best: tuple[str, dict[str, Any]] | None = None
     for path in sorted(preset_path(dataset).parent.glob(f"{dataset}*.yaml")):
         recipe = load_config(path)
         if recipe.data.dataset != dataset:  # cifar100.yaml next to cifar10.yaml
             continue
-        base = _flatten(config_to_dict(recipe))
+        base = flat_config(config_to_dict(recipe))
         changes = {
             k: v for k, v in ours.items() if base.get(k) != v and k not in _IGNORED_RECIPE_KEYS
         }
         if best is None or len(changes) < len(best[1]):
             best = (f"training/configs/{path.name}", changes)
     return best if best is not None else (None, {})
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _train_command(recipe: str | None, changes: dict[str, Any]) -> str:

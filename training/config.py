@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "config_to_dict",
+    "flat_config",
     "config_from_dict",
     "save_config",
     "preset_path",
@@ -257,6 +259,18 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
         return v
 
     return plain(dataclasses.asdict(cfg))
+
+
+def flat_config(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict (e.g. :func:`config_to_dict`'s) keyed by dotted paths, such as
+    ``"optim.lr"``, in the nested order."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

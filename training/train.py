@@ -31,7 +31,7 @@ from carlzoo.training.checkpoint import (
     read_checkpoint_meta,
     save_checkpoint,
 )
-from carlzoo.training.config import TrainConfig, config_to_dict, save_config
+from carlzoo.training.config import TrainConfig, config_to_dict, flat_config, save_config
 from carlzoo.training.data import DataLoaderPipeline, DevicePipeline
 from carlzoo.training.datasets import FOLDER_DATASETS, ImageArrays, load_split
 from carlzoo.training.dist import resolve_device
@@ -269,21 +269,11 @@ RESUME_MAY_CHANGE = frozenset(
 )
 
 
-def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def resume_mismatch(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
     """``"key (saved -> now)"`` for each setting outside :data:`RESUME_MAY_CHANGE` where
     ``cfg`` differs from ``saved``, a checkpoint's config (keys only one side knows, from
     another carlzoo version, are not compared)."""
-    old, new = _flat(saved), _flat(config_to_dict(cfg))
+    old, new = flat_config(saved), flat_config(config_to_dict(cfg))
     return [
         f"{key} ({old[key]!r} -> {new[key]!r})"
         for key in sorted(old.keys() & new.keys())
