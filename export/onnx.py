@@ -172,10 +172,9 @@ def export_onnx(
                 dynamo=False,
             )
             model_proto = onnx.load_from_string(buf.getvalue())
-    if _written_opset(model_proto) != opset:  # a silent fallback would mislabel the file
-        raise ValueError(
-            f"the exporter wrote opset {_written_opset(model_proto)}, not the {opset} asked for"
-        )
+    written = _written_opset(model_proto)
+    if written != opset:  # a silent fallback would mislabel the file
+        raise ValueError(f"the exporter wrote opset {written}, not the {opset} asked for")
     if dtype == "float16":
         _to_fp16_initializers(model_proto)
     model_proto.doc_string = f"carlzoo CARL encoder ({dtype} weights, {exporter} exporter)"

@@ -389,9 +389,10 @@ def export_model(
 
     if dtype not in _DTYPES:
         raise ExportError(f"--dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
+    used_opset = None
     if onnx:
         try:
-            check_opset(opset)
+            used_opset = check_opset(opset)
         except ValueError as e:
             raise ExportError(f"--{e}") from None  # "--opset 0 cannot be exported: ..."
     source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
@@ -479,7 +480,6 @@ def export_model(
             )
         parity = None
         if onnx:
-            used_opset = check_opset(opset)  # checked on entry too
             if real_images is not None:
                 from carlzoo.images import read_image
 
