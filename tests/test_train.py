@@ -360,3 +360,40 @@ def test_bf16_training_step_matches_the_fp32_step():
     # on CIFAR images); a gradient lost or flipped by the autocast path drops it far lower.
     cosine = torch.nn.functional.cosine_similarity(steps[True][1], steps[False][1], dim=0)
     assert cosine > 0.75, float(cosine)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"), [("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cuda")]
+)
+def test_resume_across_optimizer_kinds_keeps_buffer_layout_and_this_runs_flags(
+    tmp_path, tiny_npz, monkeypatch, before, after
+):
+    """On CUDA the optimizer is fused SGD; its kernel needs momentum buffers laid out like their
+    channels_last conv weights, which checkpoints store contiguous. The CPU's fused SGD kernel
+    stands in (it computes wrong updates from such buffers rather than refusing them)."""
+    import carlzoo.training.train as train_mod
+
+    built = []
+    real_build = train_mod.build_optimizer
+    kind = {"device": before}
+
+    def build(model, cfg, device):
+        built.append(real_build(model, cfg, torch.device(kind["device"])))
+        return built[-1]
+
+    cfg = tiny_config(tiny_npz, "epochs=2", "knn_every=0", "channels_last=true")
+    train(cfg, tmp_path / "full", progress=False)  # the plain CPU optimizer throughout
+    monkeypatch.setattr(train_mod, "build_optimizer", build)
+    train(cfg, tmp_path / "split", progress=False, stop_after=1)
+    kind["device"] = after
+    train(cfg, tmp_path / "split", progress=False, resume=True)
+
+    resumed = built[-1]
+    for group in resumed.param_groups:
+        assert bool(group["fused"]) == (after == "cuda")
+        for p in group["params"]:
+            assert resumed.state[p]["momentum_buffer"].stride() == p.stride()
+    assert any(p.ndim == 4 and not p.is_contiguous() for p in resumed.param_groups[0]["params"])
+    wa = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.safetensors").model
+    wb = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors").model
+    torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-5)

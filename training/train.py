@@ -100,6 +100,30 @@ def build_optimizer(
     )
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a checkpoint's optimizer state into this run's optimizer, as this machine needs it.
+
+    ``Optimizer.load_state_dict`` takes the implementation flags (``fused``, ``foreach``) of the
+    machine that saved the state, and leaves its tensors contiguous as checkpoints store them.
+    This run keeps its own flags, and each state tensor gets its parameter's memory layout
+    (channels_last conv weights): CUDA's fused SGD refuses tensors of unequal strides, and the
+    CPU's computes wrong updates with them.
+    """
+    flags = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(flags)
+        for p in group["params"]:
+            slots = optimizer.state.get(p, {})
+            for key, value in slots.items():
+                if (
+                    isinstance(value, Tensor)
+                    and value.shape == p.shape
+                    and value.stride() != p.stride()
+                ):
+                    slots[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def unwrap(model: nn.Module) -> CARLModel:
     """The CARLModel inside DDP / torch.compile wrappers."""
     while True:
@@ -403,7 +427,7 @@ def train(
         ckpt = load_checkpoint(last_path)
         unwrap(model).load_state_dict(ckpt.model)
         if ckpt.optimizer is not None:
-            optimizer.load_state_dict(ckpt.optimizer)
+            load_optimizer_state(optimizer, ckpt.optimizer)
         start_epoch, step = ckpt.epoch, ckpt.step
         if "torch" in ckpt.rng:
             torch.set_rng_state(ckpt.rng["torch"])
