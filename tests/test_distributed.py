@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,28 @@ def test_two_process_training_checkpoints_once_and_resumes(tmp_path):
     rows = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert all(np.isfinite(r["loss"]) for r in rows) and "knn_top1" in rows[-1]
+
+
+@pytest.mark.parametrize("rank1_has", ["a copy", "no checkpoint"])
+def test_resume_needs_every_rank_to_see_the_same_checkpoint(tmp_path, rank1_has):
+    sys.path.insert(0, str(HERE))
+    from ddp_resume_worker import config
+
+    from carlzoo.training.train import train
+
+    data = random_npz(tmp_path / "d.npz", 64, size=16, classes=2, n_test=16)
+    node0, node1 = tmp_path / "node0" / "run", tmp_path / "node1" / "run"
+    train(config(str(data)), node0, progress=False, stop_after=1)
+    if rank1_has == "a copy":
+        shutil.copytree(node0, node1)
+    torchrun(str(HERE / "ddp_resume_worker.py"), str(data), str(tmp_path), str(node0), str(node1))
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    if rank1_has == "a copy":
+        assert outcomes == ["finished at epoch 2, process group closed"] * 2
+    else:
+        # Both ranks refuse (none trains on its own schedule, none is left waiting).
+        for node, outcome in zip((node0, node1), outcomes, strict=True):
+            assert outcome.startswith(
+                f"--resume: the processes see different checkpoints in {node / 'checkpoints'} "
+                "(from no checkpoint to epoch 1); every node must read the same run folder"
+            )

@@ -22,6 +22,7 @@ __all__ = [
     "world_size",
     "is_main_process",
     "all_reduce_sum",
+    "all_reduce_min_max",
     "differentiable_all_reduce_sum",
     "init_from_env",
     "DEVICE_HINT",
@@ -58,6 +59,16 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     x = x.clone()
     dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+def all_reduce_min_max(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Element-wise minimum and maximum of ``x`` over all processes: equal where they agree."""
+    if not is_distributed():
+        return x, x
+    lo, hi = x.clone(), x.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return lo, hi
 
 
 def differentiable_all_reduce_sum(x: Tensor) -> Tensor:

@@ -241,6 +241,25 @@ def _knn_monitor(
     return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
 
 
+def _check_ranks_resume_alike(
+    saved: Mapping[str, Any] | None, out_dir: Path, device: torch.device
+) -> None:
+    """Every process must resume from the same checkpoint: nodes that read different copies
+    of the run folder (or none) would train with different schedules until one of them
+    stops and the others hang in a collective."""
+    mine = (-1, -1) if saved is None else (int(saved.get("epoch", -1)), int(saved.get("step", -1)))
+    lo, hi = dist.all_reduce_min_max(torch.tensor(mine, device=device, dtype=torch.int64))
+    if not torch.equal(lo, hi):
+        def seen(epoch: int) -> str:
+            return "no checkpoint" if epoch < 0 else f"epoch {epoch}"
+
+        raise ValueError(
+            f"--resume: the processes see different checkpoints in {out_dir / 'checkpoints'} "
+            f"(from {seen(int(lo[0]))} to {seen(int(hi[0]))}); every node must read the same "
+            "run folder: put --out on a filesystem all nodes share, or copy it to each node"
+        )
+
+
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
     """Keep one line per epoch up to ``last_epoch`` (later ones were lost with the process)."""
     if not path.is_file():
@@ -333,6 +352,7 @@ def train(
     wants_cuda = cfg.device.startswith("cuda") or (
         cfg.device == "auto" and torch.cuda.is_available()
     )
+    owns_process_group = not dist.is_distributed()
     dist.init_from_env("cuda" if wants_cuda else "cpu")
     device = resolve_device(cfg.device)
     if device.type == "cuda":
@@ -353,8 +373,11 @@ def train(
             f"{out_dir} already holds a run (checkpoints/last.safetensors);"
             " pass --resume to continue it or choose another --out"
         )
-    if resume and last_path.exists():
-        changed = resume_mismatch(read_checkpoint_meta(last_path).get("config", {}), cfg)
+    saved = read_checkpoint_meta(last_path) if resume and last_path.exists() else None
+    if resume and world > 1:
+        _check_ranks_resume_alike(saved, out_dir, device)
+    if saved is not None:
+        changed = resume_mismatch(saved.get("config", {}), cfg)
         if changed:
             more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
             raise ValueError(
@@ -592,4 +615,6 @@ def train(
             if main:
                 log.info("stopped after epoch %d by on_epoch_end", epoch + 1)
             break
+    if owns_process_group:
+        dist.destroy()  # the group train() created (torchrun); a caller's group stays theirs
     return last
