@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -374,15 +375,31 @@ class OnnxCARL(_Inference):
         self.config = config
         self.transform = config.preprocessing.make_transform()
         self.onnx_path = Path(onnx_path)
-        self.providers = _onnx_providers(device, ort.get_available_providers())
+        dev = _onnx_device(device)
+        available = ort.get_available_providers()
+        requested = _onnx_providers(dev, available)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(
-                str(self.onnx_path), sess_options=opts, providers=self.providers
-            )
+            with warnings.catch_warnings():  # a provider that fails to start is said below
+                warnings.simplefilter("ignore")
+                self.session = ort.InferenceSession(
+                    str(self.onnx_path), sess_options=opts, providers=requested
+                )
         except Exception as e:  # onnxruntime raises its own exception types
             raise ZooError(f"cannot load ONNX model {self.onnx_path}: {_one_line(e)}") from None
+        # What the session runs on, which is not always what was asked for: onnxruntime
+        # falls back to the CPU when the CUDA provider's libraries do not load.
+        self.providers: list[str] = self.session.get_providers()
+        if dev.type == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            why = (
+                "could not start its CUDAExecutionProvider (CUDA or cuDNN libraries missing or "
+                "of another version than onnxruntime-gpu was built for)"
+                if "CUDAExecutionProvider" in available
+                else "has no CUDAExecutionProvider here (pip uninstall onnxruntime, then pip "
+                "install onnxruntime-gpu)"
+            )
+            _warn_caller(f"device={str(dev)!r}: onnxruntime {why}; running on the CPU")
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != ["images"] or not set(self.OUTPUTS) <= set(outputs):
@@ -401,19 +418,35 @@ class OnnxCARL(_Inference):
         return tuple(torch.from_numpy(o).float() for o in outs)  # type: ignore[return-value]
 
 
-def _onnx_providers(device: Any, available: list[str]) -> list[str]:
-    dev = "cpu" if device is None else str(device)
-    if dev.startswith("cuda"):
-        if "CUDAExecutionProvider" in available:
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        warnings.warn(
-            f"device={dev!r}: onnxruntime has no CUDAExecutionProvider here "
-            "(install onnxruntime-gpu); running on the CPU",
-            stacklevel=3,
+def _onnx_device(device: Any) -> torch.device:
+    """The CPU or a CUDA device, parsed from what the caller passed (None: the CPU)."""
+    try:
+        dev = parse_device("cpu" if device is None else device)
+    except ValueError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ZooError(
+            f"device={str(device)!r} is not supported by the onnx backend: use 'cpu' or 'cuda'"
         )
-    elif dev != "cpu":
-        raise ZooError(f"device={dev!r} is not supported by the onnx backend: use 'cpu' or 'cuda'")
-    return ["CPUExecutionProvider"]
+    return dev
+
+
+def _onnx_providers(
+    dev: torch.device, available: list[str]
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """onnxruntime's providers for ``dev``: CUDA on the GPU it names when onnxruntime has it."""
+    if dev.type != "cuda" or "CUDAExecutionProvider" not in available:
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"device_id": dev.index or 0}), "CPUExecutionProvider"]
+
+
+def _warn_caller(message: str) -> None:
+    """``warnings.warn`` attributed to the first caller outside this package."""
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 # --------------------------------------------------------------------------------------------

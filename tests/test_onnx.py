@@ -22,6 +22,8 @@ from carlzoo.pretrained import (
     PretrainedCARL,
     ZooConfig,
     ZooError,
+    _onnx_device,
+    _onnx_providers,
     from_pretrained,
     load,
     save_pretrained,
@@ -257,3 +259,43 @@ def test_add_onnx_refuses_an_export_that_differs(
     with pytest.raises(ValueError, match="differs from PyTorch"):
         add_onnx(out)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_onnx_providers_name_the_gpu_asked_for() -> None:
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    cuda1 = [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert _onnx_providers(_onnx_device("cuda:1"), both) == cuda1
+    assert _onnx_providers(_onnx_device("cuda"), both)[0] == (
+        "CUDAExecutionProvider",
+        {"device_id": 0},
+    )
+    assert _onnx_device(0) == torch.device("cuda", 0)  # an int is a CUDA index, as in torch
+    assert _onnx_providers(_onnx_device("cuda"), ["CPUExecutionProvider"]) == [
+        "CPUExecutionProvider"
+    ]
+    assert _onnx_providers(_onnx_device(None), both) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.parametrize("listed", [True, False])
+def test_onnx_backend_says_so_when_cuda_runs_on_the_cpu(
+    folder: Path, monkeypatch: pytest.MonkeyPatch, listed: bool
+) -> None:
+    """onnxruntime-gpu lists CUDAExecutionProvider even when its CUDA libraries do not load,
+    and then runs the session on the CPU; the CPU package does not list it at all."""
+    import onnxruntime as ort
+
+    if listed:
+        monkeypatch.setattr(
+            ort,
+            "get_available_providers",
+            lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        )
+    why = "could not start its CUDAExecutionProvider" if listed else "has no CUDAExecutionProvider"
+    with pytest.warns(UserWarning, match=f"^device='cuda:1': onnxruntime {why}") as seen:
+        gpu = load(str(folder), device="cuda:1", backend="onnx")
+    assert [w.filename for w in seen] == [__file__]  # the caller's line, not carlzoo's
+    assert gpu.providers == ["CPUExecutionProvider"]
+    assert "CUDA" not in repr(gpu)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    torch.testing.assert_close(gpu.embed(x), load(str(folder), backend="onnx").embed(x))
+
