@@ -188,6 +188,9 @@ def export_onnx(
 def onnx_parity(model: CARLModel, onnx_path: str | Path, inputs: Tensor) -> dict[str, float]:
     """Compare ``onnx_path`` (onnxruntime, CPU) with ``model`` (PyTorch, eval) on ``inputs``.
 
+    Both run on the CPU in float32: a model on a GPU (whose convolutions may use TF32) or in
+    another dtype is compared through a CPU float32 copy, so the check measures the export.
+
     Returns ``max_abs_diff`` (the largest absolute difference over the three outputs),
     ``min_cosine`` (the smallest row-wise cosine similarity over the three outputs),
     ``output_scale`` (the largest |output| of PyTorch) and ``scaled_diff``
@@ -196,11 +199,13 @@ def onnx_parity(model: CARLModel, onnx_path: str | Path, inputs: Tensor) -> dict
     import onnxruntime as ort
 
     x = inputs.detach().to("cpu", torch.float32).contiguous()
+    p = next(model.parameters())
+    if p.device.type != "cpu" or p.dtype != torch.float32:
+        model = copy.deepcopy(model).to("cpu", torch.float32)
     was_training = model.training
     model.eval()
     try:
-        p = next(model.parameters())
-        ref = model(x.to(p.device))
+        ref = model(x)
     finally:
         model.train(was_training)
     opts = ort.SessionOptions()

@@ -299,3 +299,14 @@ def test_onnx_backend_says_so_when_cuda_runs_on_the_cpu(
     x = torch.rand(2, 3, SIZE, SIZE)
     torch.testing.assert_close(gpu.embed(x), load(str(folder), backend="onnx").embed(x))
 
+
+def test_parity_is_measured_against_a_cpu_float32_copy(model: CARLModel, tmp_path: Path) -> None:
+    """A model elsewhere than the CPU in float32 (a GPU, whose convolutions may use TF32, or
+    here float64) is checked through a float32 copy: the figures measure the export alone."""
+    path = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE)
+    x = torch.rand(3, 3, SIZE, SIZE)
+    wide = build_model(TINY)
+    wide.load_state_dict(model.state_dict())
+    wide = wide.double().train()
+    assert onnx_parity(wide, path, x) == onnx_parity(model, path, x)
+    assert next(wide.parameters()).dtype == torch.float64 and wide.training  # left as it was
