@@ -36,11 +36,16 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63)
 
 
-def epoch_permutation(n: int, seed: int, epoch: int, device: torch.device) -> Tensor:
-    """The same permutation of ``n`` indices on every rank for a given (seed, epoch)."""
-    g = torch.Generator(device=device)
+def epoch_permutation(n: int, seed: int, epoch: int) -> Tensor:
+    """The same permutation of ``n`` indices on every rank for a given (seed, epoch).
+
+    Drawn on the CPU: CUDA's random numbers for a seed depend on the card (its kernels are
+    sized by the number of multiprocessors), so ranks on different GPU models would each
+    shuffle differently and their shards would overlap.
+    """
+    g = torch.Generator()
     g.manual_seed(epoch_seed(seed, epoch))
-    return torch.randperm(n, generator=g, device=device)
+    return torch.randperm(n, generator=g)
 
 
 def rank_batches(perm: Tensor, global_batch: int, rank: int, world: int) -> list[Tensor]:
@@ -130,8 +135,10 @@ class DevicePipeline(_Pipeline):
         self.augment = BatchAugment(cfg, size)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        perm_device = self.device if self.store.resident else torch.device("cpu")
-        perm = epoch_permutation(self.n, self.seed, epoch, perm_device)
+        perm = epoch_permutation(self.n, self.seed, epoch)
+        if self.store.resident and self.device.type != "cpu":
+            # Once per epoch, without a host sync: the batches index the device copy.
+            perm = perm.pin_memory().to(self.device, non_blocking=True)
         g = self._generator(epoch, self.device)
         fmt = self.memory_format
         for idx in rank_batches(perm, self.global_batch, self.rank, self.world):
@@ -179,7 +186,7 @@ class DataLoaderPipeline(_Pipeline):
         self.workers = workers
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        perm = epoch_permutation(self.n, self.seed, epoch, torch.device("cpu"))
+        perm = epoch_permutation(self.n, self.seed, epoch)
         batches = rank_batches(perm, self.global_batch, self.rank, self.world)
         loader = DataLoader(
             self.dataset,
