@@ -159,7 +159,9 @@ def evaluate(
     f_test = extract_features(model, test_set.images, **kw)
     logits = extract_features(model, test_set.images, layer="logits", **kw)
     return {
-        "knn": knn_eval(f_train, train_set.labels, f_test, test_set.labels, k=200, t=0.1),
+        "knn": knn_eval(
+            f_train, train_set.labels, f_test, test_set.labels, k=200, t=0.1, device=device
+        ),
         "linear": linear_eval(f_train, train_set.labels, f_test, test_set.labels, device=device),
         "clustering": cluster_metrics(logits.argmax(1).numpy(), test_set.labels),
     }

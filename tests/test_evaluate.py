@@ -65,6 +65,33 @@ def test_knn_k_larger_than_train_set():
     assert res["top1"] == pytest.approx(100.0)
 
 
+def test_knn_chunks_leave_the_scores_unchanged_and_follow_the_memory_budget(monkeypatch):
+    from carlzoo.training import knn
+
+    g = torch.Generator().manual_seed(0)
+    xtr, ytr = torch.randn(50, 8, generator=g), torch.randint(0, 4, (50,), generator=g)
+    xte = torch.randn(23, 8, generator=g)
+    whole = knn.knn_scores(xtr, ytr, xte, k=10, chunk_size=23)
+    torch.testing.assert_close(knn.knn_scores(xtr, ytr, xte, k=10, chunk_size=4), whole)
+    # The default chunk keeps each (rows, N_train) similarity block within the budget.
+    monkeypatch.setattr(knn, "SIM_BLOCK_ELEMENTS", 3 * 50)  # 3 test rows per block
+    blocks = []
+    real_topk = torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda x, *a, **kw: blocks.append(x.shape)
+                        or real_topk(x, *a, **kw))
+    torch.testing.assert_close(knn.knn_scores(xtr, ytr, xte, k=10), whole)
+    assert blocks == [(3, 50)] * 7 + [(2, 50)]
+
+
+def test_knn_eval_runs_on_the_device_asked_for():
+    xtr, ytr = _blobs(20, n_classes=3)
+    xte, yte = _blobs(5, n_classes=3)
+    assert evaluate.knn_eval(xtr, ytr, xte, yte, k=5, device="cpu") == evaluate.knn_eval(
+        xtr, ytr, xte, yte, k=5)
+    with pytest.raises(ValueError, match=r"^device='gpu' is not a device name; use auto, cpu"):
+        evaluate.knn_eval(xtr, ytr, xte, yte, device="gpu")
+
+
 def test_linear_eval_is_fast_on_cifar_sized_features():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20000, 512)).astype(np.float32)

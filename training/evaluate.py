@@ -218,12 +218,14 @@ def _num_classes(*labels: Tensor, num_classes: int | None = None) -> int:
 
 def knn_eval(train_features: np.ndarray | Tensor, train_labels: np.ndarray | Tensor,
              test_features: np.ndarray | Tensor, test_labels: np.ndarray | Tensor, *,
-             k: int = 200, t: float = 0.1, num_classes: int | None = None) -> dict[str, Any]:
-    """Weighted cosine kNN (votes exp(s/T)); k is clipped to the train set size."""
+             k: int = 200, t: float = 0.1, num_classes: int | None = None,
+             device: str | torch.device | None = "cpu") -> dict[str, Any]:
+    """Weighted cosine kNN (votes exp(s/T)) on ``device``; k is clipped to the train set size."""
+    dev = resolve_device(device)
     ytr, yte = _tensor(train_labels, torch.long), _tensor(test_labels, torch.long)
     c = _num_classes(ytr, yte, num_classes=num_classes)
     acc = knn_accuracy(_tensor(train_features), ytr, _tensor(test_features), yte, k=k, t=t,
-                       num_classes=c)
+                       num_classes=c, device=dev)
     return {**acc, "k": int(k), "k_used": int(min(k, ytr.numel())), "t": float(t)}
 
 
@@ -616,7 +618,7 @@ def run_probe(model: str | Path | ProbeModel, dataset: str, data_root: str | Pat
                                cache_tag={**tag, "split": "test"}, **feat_kw)
         if protocol == "knn":
             result = knn_eval(ftr, train.labels, fte, test.labels, k=k, t=t,
-                              num_classes=n_classes)
+                              num_classes=n_classes, device=dev)
             settings.update(k=result.pop("k"), k_used=result.pop("k_used"), t=result.pop("t"))
         else:
             result = linear_eval(ftr, train.labels, fte, test.labels, num_classes=n_classes,

@@ -237,6 +237,7 @@ def _knn_monitor(
         torch.from_numpy(test.labels),
         k=cfg.knn_k,
         t=cfg.knn_t,
+        device=device,
     )
     return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
 
