@@ -45,7 +45,7 @@ from PIL import Image
 from torch import Tensor
 
 from carlzoo import registry
-from carlzoo.devices import parse_device
+from carlzoo.devices import missing_cuda, parse_device
 from carlzoo.images import ImageTransform, read_image
 from carlzoo.model import CARLModel, ModelConfig
 from carlzoo.outputs import atomic_write, atomic_write_text
@@ -464,10 +464,10 @@ def _resolve_device(device: Any) -> torch.device:
         dev = parse_device("cpu" if device is None else device)
     except ValueError as e:
         raise ZooError(str(e)) from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ZooError(
-            f"device={str(device)!r} requested but CUDA is not available; use device='cpu'"
-        )
+    why = missing_cuda(dev)
+    if why is not None:
+        also = "one of them or " if torch.cuda.is_available() else ""
+        raise ZooError(f"device={str(device)!r} requested but {why}; use {also}device='cpu'")
     return dev
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -591,6 +592,23 @@ def test_load_spec_errors(folder: Path) -> None:
         with pytest.raises(ZooError, match="requested but CUDA is not available"):
             load(str(folder), device="cuda")
     assert isinstance(load(Path(folder)), PretrainedCARL)  # a Path works too
+
+
+@pytest.mark.parametrize("gpus", [1, 2])
+def test_a_gpu_index_the_machine_lacks_is_one_line(folder, monkeypatch, gpus):
+    from carlzoo.devices import missing_cuda
+    from carlzoo.training.dist import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    names = "cuda:0" if gpus == 1 else "cuda:0 to cuda:1"
+    has = re.escape(f"this machine has {gpus} CUDA device{'s' if gpus > 1 else ''} ({names})")
+    with pytest.raises(ZooError, match=rf"^device='cuda:5' requested but {has}; use one of"):
+        load(str(folder), device="cuda:5")
+    with pytest.raises(ValueError, match=rf"^device='cuda:{gpus}' asked for, but {has}; use"):
+        resolve_device(f"cuda:{gpus}")
+    assert missing_cuda(torch.device("cuda", gpus - 1)) is None
+    assert missing_cuda(torch.device("cuda")) is None and missing_cuda(torch.device("cpu")) is None
 
 
 # ---- the Hub (tests/hubserver.py through the real huggingface_hub client) -----------------

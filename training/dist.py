@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from carlzoo.devices import parse_device
+from carlzoo.devices import missing_cuda, parse_device
 
 __all__ = [
     "is_distributed",
@@ -99,10 +99,11 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             return torch.device("cuda", local_rank())
         return torch.device("cpu")
     resolved = parse_device(name, hint=DEVICE_HINT)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
+    why = missing_cuda(resolved)
+    if why is not None:
         raise ValueError(
-            f"device={name!r} asked for, but CUDA is not available; use the CPU "
-            "(--set device=cpu when training, --device cpu elsewhere)"
+            f"device={name!r} asked for, but {why}; use the CPU (--set device=cpu when "
+            "training, --device cpu elsewhere) or a GPU this machine has"
         )
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", local_rank())
