@@ -7,6 +7,8 @@ Each command lives in its own module and imports torch only when it runs, so
 from __future__ import annotations
 
 import logging
+import warnings
+from typing import Any, TextIO
 
 import click
 
@@ -25,6 +27,21 @@ def main(verbose: bool) -> None:
     # carlzoo's progress at INFO; other libraries (e.g. onnxscript's optimiser) only warn.
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("carlzoo").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:  # -v keeps Python's format, with the line that warned
+        warnings.showwarning = _one_line_warning
+
+
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+    **_: Any,
+) -> None:
+    """A warning as the command's user needs it: one line, without the source that raised it."""
+    click.echo(f"warning: {message}", err=True)
 
 
 for _command in (list_cmd, info, embed, assign, probe, train, export, push):

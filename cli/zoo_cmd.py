@@ -136,7 +136,7 @@ def _run(
         shuffle=False,
         num_workers=n_workers,
         collate_fn=collate_images,
-        pin_memory=dev.startswith("cuda"),
+        pin_memory=backend == "torch" and dev.startswith("cuda"),  # onnx reads numpy on the CPU
         prefetch_factor=4 if n_workers else None,
     )
     good: list[str] = []
@@ -198,8 +198,9 @@ def _report(
     kind: str, good: list[str], skipped: list[tuple[str, str]], written: list[Path], seconds: float
 ) -> None:
     rate = len(good) / seconds if seconds > 0 else float("nan")
+    rate_text = f"{rate:.0f}" if rate >= 10 else f"{rate:.2g}"  # 0.38, not 0, for slow runs
     msg = (
-        f"{kind} {len(good)} images in {seconds:.1f}s ({rate:.0f} img/s) -> "
+        f"{kind} {len(good)} images in {seconds:.1f}s ({rate_text} img/s) -> "
         f"{', '.join(str(p) for p in written)}"
     )
     if skipped:

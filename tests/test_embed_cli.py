@@ -428,3 +428,30 @@ def test_demo_runs_on_the_example_images(model_dir: Path, capsys: pytest.Capture
     assert "of 10 prototypes used" in out
     assert all(n in out for n in names)
     assert sum(p.stat().st_size for p in (root / "images").iterdir()) < 300_000
+
+
+def test_onnx_on_a_missing_gpu_warns_in_one_line_and_pins_nothing(tmp_path: Path) -> None:
+    from carlzoo.cli.main import main
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "models" / "carl-cifar10-cpu-w8"
+    image = example.parents[1] / "images" / "cat_01.png"
+    args = ["embed", str(image), "--model", str(example), "--backend", "onnx", "--device", "cuda"]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "e.npz"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    assert lines[0] == (
+        "warning: device='cuda': onnxruntime has no CUDAExecutionProvider here (pip uninstall "
+        "onnxruntime, then pip install onnxruntime-gpu); running on the CPU"
+    )
+    assert len(lines) == 2 and lines[1].startswith("embedded 1 images in ")  # no pin_memory line
+
+
+def test_report_gives_slow_rates_their_digits(capsys: pytest.CaptureFixture[str]) -> None:
+    from carlzoo.cli.zoo_cmd import _report
+
+    _report("embedded", ["a.png"], [], [Path("e.npz")], 2.6)
+    _report("embedded", ["a.png"] * 500, [], [Path("e.npz")], 2.0)
+    assert capsys.readouterr().err.splitlines() == [
+        "embedded 1 images in 2.6s (0.38 img/s) -> e.npz",
+        "embedded 500 images in 2.0s (250 img/s) -> e.npz",
+    ]
