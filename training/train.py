@@ -242,6 +242,34 @@ def _knn_monitor(
     return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
 
 
+def _check_start(
+    cfg: TrainConfig, out_dir: Path, last_path: Path, resume: bool, device: torch.device
+) -> None:
+    """Refuse a run that cannot start as asked, before anything is read or written."""
+    world = dist.world_size()
+    if cfg.optim.batch_size % world:
+        raise ValueError(
+            f"optim.batch_size={cfg.optim.batch_size} is not divisible by the {world} processes"
+        )
+    if dist.is_main_process() and not resume and last_path.exists():
+        raise FileExistsError(
+            f"{out_dir} already holds a run (checkpoints/last.safetensors);"
+            " pass --resume to continue it or choose another --out"
+        )
+    saved = read_checkpoint_meta(last_path) if resume and last_path.exists() else None
+    if resume and world > 1:
+        _check_ranks_resume_alike(saved, out_dir, device)
+    if saved is not None:
+        changed = resume_mismatch(saved.get("config", {}), cfg)
+        if changed:
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise ValueError(
+                f"--resume: the run in {out_dir} was trained with other settings: "
+                f"{', '.join(changed[:4])}{more}; resume it with its own "
+                f"(--config {out_dir / 'config.yaml'}) or choose another --out"
+            )
+
+
 def _check_ranks_resume_alike(
     saved: Mapping[str, Any] | None, out_dir: Path, device: torch.device
 ) -> None:
@@ -363,29 +391,16 @@ def train(
         torch.backends.cudnn.allow_tf32 = True
     rank, world = dist.rank(), dist.world_size()
     main = dist.is_main_process()
-    if cfg.optim.batch_size % world:
-        raise ValueError(
-            f"optim.batch_size={cfg.optim.batch_size} is not divisible by the {world} processes"
-        )
     ckpt_dir = out_dir / "checkpoints"
     last_path = ckpt_dir / "last.safetensors"
-    if main and not resume and last_path.exists():
-        raise FileExistsError(
-            f"{out_dir} already holds a run (checkpoints/last.safetensors);"
-            " pass --resume to continue it or choose another --out"
-        )
-    saved = read_checkpoint_meta(last_path) if resume and last_path.exists() else None
-    if resume and world > 1:
-        _check_ranks_resume_alike(saved, out_dir, device)
-    if saved is not None:
-        changed = resume_mismatch(saved.get("config", {}), cfg)
-        if changed:
-            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-            raise ValueError(
-                f"--resume: the run in {out_dir} was trained with other settings: "
-                f"{', '.join(changed[:4])}{more}; resume it with its own "
-                f"(--config {out_dir / 'config.yaml'}) or choose another --out"
-            )
+    try:
+        _check_start(cfg, out_dir, last_path, resume, device)
+    except Exception:
+        # All ranks refuse alike (but for rank 0's FileExistsError, after which torchrun
+        # stops the others): close the group rather than leave it to abort at exit.
+        if owns_process_group:
+            dist.destroy()
+        raise
 
     # ---- data (before the run folder is written, so a bad data.root leaves nothing) -----
     pretrain, train_l, test = _load_data(cfg, splits)
