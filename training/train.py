@@ -47,6 +47,7 @@ __all__ = [
     "CollapseError",
     "cosine_schedule",
     "build_optimizer",
+    "load_optimizer_state",
     "resolve_device",
     "effective_prototypes",
     "unwrap",
