@@ -246,7 +246,8 @@ def _knn_monitor(
 def _check_start(
     cfg: TrainConfig, out_dir: Path, last_path: Path, resume: bool, device: torch.device
 ) -> None:
-    """Refuse a run that cannot start as asked, before anything is read or written."""
+    """Refuse a run that cannot start as asked: before its data is read or anything written
+    (of a checkpoint to resume, only the header is read)."""
     world = dist.world_size()
     if cfg.optim.batch_size % world:
         raise ValueError(
