@@ -81,6 +81,9 @@ def test_knn_chunks_leave_the_scores_unchanged_and_follow_the_memory_budget(monk
                         or real_topk(x, *a, **kw))
     torch.testing.assert_close(knn.knn_scores(xtr, ytr, xte, k=10), whole)
     assert blocks == [(3, 50)] * 7 + [(2, 50)]
+    for bad in (0, -2):  # a negative step would score no test row at all
+        with pytest.raises(ValueError, match=rf"^chunk_size must be >= 1 .*, got {bad}$"):
+            knn.knn_scores(xtr, ytr, xte, chunk_size=bad)
 
 
 def test_knn_eval_runs_on_the_device_asked_for():

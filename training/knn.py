@@ -34,6 +34,10 @@ def knn_scores(
     """Class scores (N_test, C) of a weighted cosine kNN vote, computed on ``device``
     (default: where ``train_features`` are), ``chunk_size`` test rows at a time (default:
     from :data:`SIM_BLOCK_ELEMENTS`)."""
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(
+            f"chunk_size must be >= 1 (or None: from the memory budget), got {chunk_size}"
+        )
     if train_features.shape[0] == 0:
         raise ValueError("kNN needs at least one training sample")
     if train_features.shape[1] != test_features.shape[1]:
