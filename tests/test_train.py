@@ -83,6 +83,29 @@ def test_two_epoch_run_writes_metrics_checkpoints_and_config(tmp_path, tiny_npz)
     torch.testing.assert_close(model.state_dict(), ckpt.model)
 
 
+def test_cuda_math_flags_are_restored_after_the_run(tmp_path, tiny_npz, monkeypatch):
+    # The CUDA branch of train() turns on cuDNN autotuning and TF32; a library call must
+    # leave the process as it found it. With no GPU here, the run is pointed at "cuda"
+    # until the first tensor moves there and fails, which also checks the error path.
+    import carlzoo.training.train as train_mod
+
+    monkeypatch.setattr(train_mod, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    seen = []
+    real_check = train_mod._check_start
+    monkeypatch.setattr(train_mod, "_check_start",
+                        lambda *a: (seen.append(train_mod._cuda_math_flags()), real_check(*a)))
+    before = train_mod._cuda_math_flags()
+    try:
+        train_mod._set_cuda_math_flags(False, False, False)
+        with pytest.raises((RuntimeError, AssertionError)):
+            train(tiny_config(tiny_npz), tmp_path / "run", progress=False)
+        assert seen == [(True, True, True)]  # the run itself had them on
+        assert train_mod._cuda_math_flags() == (False, False, False)
+    finally:
+        train_mod._set_cuda_math_flags(*before)
+
+
 @pytest.mark.parametrize("stop_after", [0, -1])
 def test_stop_after_below_one_is_refused_before_the_run_folder(tmp_path, tiny_npz, stop_after):
     with pytest.raises(ValueError, match=f"stop_after must be >= 1 .*, got {stop_after}"):

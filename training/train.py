@@ -355,6 +355,20 @@ def resume_mismatch(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
     ]
 
 
+def _cuda_math_flags() -> tuple[bool, bool, bool]:
+    return (
+        torch.backends.cudnn.benchmark,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+
+
+def _set_cuda_math_flags(benchmark: bool, matmul_tf32: bool, cudnn_tf32: bool) -> None:
+    torch.backends.cudnn.benchmark = benchmark
+    torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
 def train(
     cfg: TrainConfig,
     out_dir: str | Path,
@@ -375,7 +389,28 @@ def train(
     checkpoint written. ``splits`` holds splits of ``cfg.data`` the caller has already
     loaded, by :func:`load_split`'s split name (``"pretrain"``, ``"train"``, ``"test"``);
     they are used instead of reading the dataset again. Returns the last epoch's metrics.
+
+    On CUDA the run enables cuDNN autotuning and TF32 matmuls and convolutions; the
+    process's previous settings are restored when ``train`` returns or raises.
     """
+    saved = _cuda_math_flags()
+    try:
+        return _train(cfg, out_dir, resume=resume, progress=progress, stop_after=stop_after,
+                      on_epoch_end=on_epoch_end, splits=splits)
+    finally:
+        _set_cuda_math_flags(*saved)
+
+
+def _train(
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool,
+    progress: bool,
+    stop_after: int | None,
+    on_epoch_end: Callable[[dict[str, Any], CARLModel], bool | None] | None,
+    splits: Mapping[str, ImageArrays] | None,
+) -> dict[str, Any]:
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1 (epochs to run in this call), got {stop_after}")
     out_dir = Path(out_dir)
@@ -388,9 +423,7 @@ def train(
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        _set_cuda_math_flags(benchmark=True, matmul_tf32=True, cudnn_tf32=True)
     rank, world = dist.rank(), dist.world_size()
     main = dist.is_main_process()
     ckpt_dir = out_dir / "checkpoints"
