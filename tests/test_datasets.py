@@ -6,6 +6,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -405,6 +406,23 @@ def test_imagenet64_missing_and_download(tmp_path: Path) -> None:
         load_split("imagenet64", tmp_path, "train")
 
 
+def test_imagenet64_ignores_hidden_folders_and_refuses_renamed_batches(tmp_path: Path) -> None:
+    for i in range(1, 11):
+        _imagenet64_batch(tmp_path / f"train_data_batch_{i}.npz", 2, i, i)
+    hidden = tmp_path / ".ipynb_checkpoints"
+    hidden.mkdir()
+    _imagenet64_batch(hidden / "train_data_batch_7.npz", 2, 7, 7)  # an editor's copy
+    assert load_split("imagenet64", tmp_path, "train").images.shape[0] == 20
+    stray = tmp_path / "train_data_batch_1 (1).npz"  # a second download of batch 1
+    _imagenet64_batch(stray, 2, 1, 1)
+    with pytest.raises(DatasetError) as info:
+        load_split("imagenet64", tmp_path, "train")
+    assert str(info.value) == (
+        f"imagenet64: {stray} is not one of train_data_batch_1..10.npz (a renamed copy?); "
+        f"move it out of {tmp_path}"
+    )
+
+
 def test_imagenet64_bad_shape(tmp_path: Path) -> None:
     np.savez(tmp_path / "val_data.npz", data=np.zeros((2, 100), np.uint8), labels=[1, 2])
     with pytest.raises(DatasetError, match=r"val_data.npz key 'data'.*\(2, 12288\) uint8"):
@@ -567,6 +585,11 @@ def test_npz_errors(tmp_path: Path) -> None:
         archive.writestr("train/0.JPEG", b"\xff\xd8")
     with pytest.raises(DatasetError, match=r"images.zip is not an .npz .*holds no .npy arrays"):
         load_split("npz", tmp_path / "images.zip", "train")
+    with zipfile.ZipFile(path, "w") as archive:  # a member named .npy that is not one
+        archive.writestr("x_train.npy", b"not an array")
+        archive.writestr("y_train.npy", _npy_bytes(np.array([0, 1])))
+    with pytest.raises(DatasetError, match=r"data.npz key 'x_train' is not an array \(.npy\)"):
+        load_split("npz", path, "train")
     np.savez(path, **{f"k{i}": np.zeros(1) for i in range(20)})
     with pytest.raises(DatasetError, match=r"keys: k0, k1, .*, k7, \.\.\. \(20 in all\)\)$"):
         load_split("npz", path, "train")
@@ -591,6 +614,7 @@ def test_a_named_dataset_given_a_file_says_what_to_point_at(tmp_path, name, hold
     )
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns first
 def test_npz_with_encoded_images(tmp_path):
     import io as _io
 
@@ -622,6 +646,37 @@ def test_npz_with_encoded_images(tmp_path):
     )
     with pytest.raises(DatasetError, match="offsets"):
         load_split("npz", bad, "train")
+    np.savez(bad, train_bytes=np.concatenate(blobs), train_off=off.astype(np.float64),
+             y_train=np.arange(5))
+    with pytest.raises(DatasetError, match="offsets are float64; they must be integers"):
+        load_split("npz", bad, "train")
+    # PNG headers that claim huge images: refused from the header, before any decoding.
+    for side, message in ((10_000, r"image 1 is 10000x10000, over the limit"),
+                          (30_000, r"image 1 cannot be decoded \(Image size")):
+        header = _png_header(side, side)
+        np.savez(bad, train_bytes=np.concatenate([blobs[0], header]),
+                 train_off=np.array([0, len(blobs[0]), len(blobs[0]) + len(header)]),
+                 y_train=np.arange(2))
+        with pytest.raises(DatasetError, match=message):
+            load_split("npz", bad, "train")
+
+
+def _png_header(width: int, height: int) -> np.ndarray:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+    return np.frombuffer(png, dtype=np.uint8)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io as _io
+
+    buf = _io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 def test_named_dataset_from_an_npz_file(tmp_path):

@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from carlzoo.images import IMAGE_EXTENSIONS, BadImage, read_image, resize_crop, to_rgb
+from carlzoo.images import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    BadImage,
+    read_image,
+    resize_crop,
+    to_rgb,
+)
 
 __all__ = [
     "DATASETS",
@@ -486,15 +493,25 @@ _IMAGENET64_BATCH = re.compile(r"train_data_batch_(\d+)\.npz$")
 
 
 def _imagenet64_files(name: str, root: Path, split: str, download: bool) -> list[Path]:
-    dirs = [root] + (sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else [])
+    subdirs = (
+        sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if root.is_dir()
+        else []
+    )
+    dirs = [root, *subdirs]
+    batches: list[tuple[int, Path]] = []
     if split == "test":
         found = [d / "val_data.npz" for d in dirs if (d / "val_data.npz").is_file()]
         expected = root / "val_data.npz"
     else:
-        found = sorted(
-            (p for d in dirs for p in d.glob("train_data_batch_*.npz")),
-            key=lambda p: int(m.group(1)) if (m := _IMAGENET64_BATCH.search(p.name)) else 0,
-        )
+        for p in (p for d in dirs for p in d.glob("train_data_batch_*.npz")):
+            if not (m := _IMAGENET64_BATCH.fullmatch(p.name)):
+                raise DatasetError(
+                    f"{name}: {p} is not one of train_data_batch_1..10.npz (a renamed copy?); "
+                    f"move it out of {p.parent}"
+                )
+            batches.append((int(m.group(1)), p))
+        found = [p for _, p in sorted(batches)]
         expected = root / "train_data_batch_1.npz"
     if not found:
         if download:
@@ -510,7 +527,7 @@ def _imagenet64_files(name: str, root: Path, split: str, download: bool) -> list
         if len(found) > 1:
             raise DatasetError(f"{name}: several val_data.npz under {root}: {found}; keep one")
         return found
-    numbers = [int(m.group(1)) for p in found if (m := _IMAGENET64_BATCH.search(p.name))]
+    numbers = [n for n, _ in batches]
     if sorted(numbers) != list(range(1, 11)):
         missing = sorted(set(range(1, 11)) - set(numbers))
         raise DatasetError(
@@ -527,9 +544,12 @@ def _npz_array(name: str, path: Path, npz: Any, key: str) -> np.ndarray:
         keys = ", ".join(npz.files[:8]) + more
         raise DatasetError(f"{name}: {path} has no key {key!r} (keys: {keys})")
     try:
-        return npz[key]
+        value = npz[key]
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(f"{name}: {path} key {key!r} is unreadable ({exc})") from exc
+    if not isinstance(value, np.ndarray):  # numpy returns a member that is not .npy as bytes
+        raise DatasetError(f"{name}: {path} key {key!r} is not an array (.npy) member")
+    return value
 
 
 def _open_npz(name: str, path: Path) -> Any:
@@ -767,14 +787,27 @@ def _decode_encoded(name: str, path: Path, data: np.ndarray, offsets: np.ndarray
             f"{name}: {path} encoded images need a 1-D uint8 bytes array and 1-D offsets "
             f"(got {data.shape} {data.dtype} and {offsets.shape})"
         )
+    if offsets.dtype.kind not in "iu":
+        raise DatasetError(
+            f"{name}: {path} image offsets are {offsets.dtype}; they must be integers"
+        )
+    offsets = offsets.astype(np.int64)  # np.diff of unsigned offsets would wrap around
     if offsets[0] != 0 or offsets[-1] != len(data) or np.any(np.diff(offsets) <= 0):
         raise DatasetError(f"{name}: {path} has inconsistent image offsets")
 
     def decode(i: int) -> np.ndarray:
         try:
             with Image.open(io.BytesIO(data[offsets[i] : offsets[i + 1]].tobytes())) as img:
+                w, h = img.size
+                if w * h > MAX_PIXELS:
+                    raise DatasetError(
+                        f"{name}: {path} image {i} is {w}x{h}, over the limit of {MAX_PIXELS} "
+                        "pixels (decompression-bomb guard)"
+                    )
                 return np.asarray(to_rgb(img), dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as exc:
+        except DatasetError:
+            raise
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise DatasetError(f"{name}: {path} image {i} cannot be decoded ({exc})") from exc
 
     first = decode(0)
