@@ -94,6 +94,11 @@ class _Pipeline:
         world: int,
         channels_last: bool,
     ) -> None:
+        if global_batch % world:
+            raise ValueError(
+                f"the global batch of {global_batch} does not split over {world} processes; "
+                f"use a multiple of {world}"
+            )
         if n < global_batch:
             raise ValueError(
                 f"the training set has {n} images, fewer than one batch of {global_batch}; "
@@ -150,7 +155,12 @@ class DevicePipeline(_Pipeline):
 
 
 class TwoViewDataset(Dataset):
-    """Two independently augmented views of each image, through PIL transforms."""
+    """Two independently augmented views of each image, through PIL transforms.
+
+    Indexed by ``i`` the views draw from torch's global RNG, as torchvision's transforms do;
+    indexed by ``(i, seed)`` they draw from that seed alone and leave the global RNG as it was,
+    so the views depend on neither the worker process nor what ran before.
+    """
 
     def __init__(self, images: np.ndarray, cfg: AugmentConfig, size: int) -> None:
         self.images = images
@@ -159,7 +169,15 @@ class TwoViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
+        if isinstance(item, tuple):
+            i, seed = item
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._views(i)
+        return self._views(item)
+
+    def _views(self, i: int) -> tuple[Tensor, Tensor]:
         img = Image.fromarray(self.images[i])
         return self.transform(img), self.transform(img)
 
@@ -188,12 +206,21 @@ class DataLoaderPipeline(_Pipeline):
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         perm = epoch_permutation(self.n, self.seed, epoch)
         batches = rank_batches(perm, self.global_batch, self.rank, self.world)
+        # One seed per sample from this rank's epoch generator: the views depend on
+        # (seed, epoch, rank) alone, not on the number of workers or the global RNG.
+        seeds = torch.randint(
+            2**62, (len(batches), self.global_batch // self.world),
+            generator=self._generator(epoch, torch.device("cpu")),
+        )
         loader = DataLoader(
             self.dataset,
-            batch_sampler=[b.tolist() for b in batches],
+            batch_sampler=[
+                list(zip(b.tolist(), s.tolist(), strict=True))
+                for b, s in zip(batches, seeds, strict=True)
+            ],
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            generator=self._generator(epoch, torch.device("cpu")),
+            generator=self._generator(epoch, torch.device("cpu")),  # its base seed: not global
         )
         fmt = self.memory_format
         for xa, xb in loader:
