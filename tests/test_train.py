@@ -106,6 +106,12 @@ def test_cuda_math_flags_are_restored_after_the_run(tmp_path, tiny_npz, monkeypa
         train_mod._set_cuda_math_flags(*before)
 
 
+def test_a_training_set_smaller_than_a_batch_leaves_no_run_folder(tmp_path, tiny_npz):
+    with pytest.raises(ValueError, match="has 96 images, fewer than one batch of 128"):
+        train(tiny_config(tiny_npz, "optim.batch_size=128"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("stop_after", [0, -1])
 def test_stop_after_below_one_is_refused_before_the_run_folder(tmp_path, tiny_npz, stop_after):
     with pytest.raises(ValueError, match=f"stop_after must be >= 1 .*, got {stop_after}"):

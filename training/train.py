@@ -437,12 +437,8 @@ def _train(
             dist.destroy()
         raise
 
-    # ---- data (before the run folder is written, so a bad data.root leaves nothing) -----
+    # ---- data (before the run folder is written, so bad data leaves nothing) -------------
     pretrain, train_l, test = _load_data(cfg, splits)
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-    dist.barrier()
     common = dict(
         seed=cfg.seed,
         rank=rank,
@@ -469,6 +465,10 @@ def _train(
             workers=cfg.data.workers,
             **common,
         )
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    dist.barrier()
     steps_per_epoch = len(data)
     total_steps = steps_per_epoch * cfg.epochs
 
