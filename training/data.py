@@ -173,7 +173,7 @@ class TwoViewDataset(Dataset):
         if isinstance(item, tuple):
             i, seed = item
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)  # the CPU RNG the transforms use
                 return self._views(i)
         return self._views(item)
 
