@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from carlzoo.cli.probe_cmd import probe
 from carlzoo.model import ModelConfig, build_model
 from carlzoo.training import evaluate
 from carlzoo.training.config import load_config
+from carlzoo.training.knn import knn_scores
 
 torch.set_num_threads(2)
 
@@ -63,6 +65,30 @@ def test_knn_k_larger_than_train_set():
     res = evaluate.knn_eval(xtr, ytr, xte, yte, k=200, t=0.1)
     assert res["k_used"] == 6 and res["k"] == 200
     assert res["top1"] == pytest.approx(100.0)
+
+
+def test_knn_vote_is_exact_at_a_small_temperature():
+    # Query (1, 0); class 0 has three neighbours at cosine 0.95, class 1 one at 0.999. At
+    # T = 0.01: 3 exp(95) against exp(99.9), so class 1 wins, although exp(95) is beyond
+    # float32. The shares are the exact ones.
+    def at(cos: float) -> list[float]:
+        return [cos, (1 - cos**2) ** 0.5]
+
+    xtr = torch.tensor([at(0.95), at(0.95), at(0.95), at(0.999)])
+    ytr = torch.tensor([0, 0, 0, 1])
+    scores = knn_scores(xtr, ytr, torch.tensor([[1.0, 0.0]]), k=4, t=0.01)
+    share1 = 1 / (1 + 3 * math.exp((0.95 - 0.999) / 0.01))
+    torch.testing.assert_close(scores, torch.tensor([[1 - share1, share1]]))
+    res = evaluate.knn_eval(xtr, ytr, torch.tensor([[1.0, 0.0]]), torch.tensor([1]), k=4, t=0.01)
+    assert res["top1"] == 100.0
+
+
+def test_knn_accuracy_is_exact_in_percent():
+    xtr, ytr = _blobs(10, n_classes=3)
+    xte, yte = _blobs(2, n_classes=3)
+    yte[0] = (yte[0] + 1) % 3  # one of six test points mislabelled
+    top1 = evaluate.knn_eval(xtr, ytr, xte, yte, k=5)["top1"]
+    assert top1 == pytest.approx(100 * 5 / 6, rel=1e-12)
 
 
 def test_knn_chunks_leave_the_scores_unchanged_and_follow_the_memory_budget(monkeypatch):
