@@ -206,6 +206,33 @@ def test_feature_cache_is_keyed_by_model(tmp_path):
     assert not torch.equal(f1, f2)
 
 
+def test_feature_cache_is_keyed_by_settings_outside_the_weights(tmp_path):
+    # The same weights scored with another prototype temperature give other logits.
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    kw = dict(mean=(0.5,) * 3, std=(0.25,) * 3, cache_dir=tmp_path, device="cpu",
+              layer="logits")
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    cold = evaluate.compute_features(model, images, **kw)
+    model.prototypes.temperature = 0.5
+    warm = evaluate.compute_features(model, images, **kw)
+    torch.testing.assert_close(warm, cold * 0.1 / 0.5)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_a_damaged_feature_cache_file_is_computed_again(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    kw = dict(mean=(0.5,) * 3, std=(0.25,) * 3, cache_dir=tmp_path, device="cpu")
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    feats = evaluate.compute_features(model, images, **kw)
+    (path,) = tmp_path.glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:20])  # e.g. a copy cut short
+    with pytest.warns(UserWarning, match=rf"feature cache {path} is unreadable .*computing it"):
+        assert torch.equal(evaluate.compute_features(model, images, **kw), feats)
+    assert torch.equal(evaluate.compute_features(model, images, **kw), feats)  # repaired
+
+
 # --------------------------------------------------------------------------------------------
 # End to end: a tiny run folder from the real training loop, probed through the CLI
 # --------------------------------------------------------------------------------------------

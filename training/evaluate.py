@@ -29,6 +29,7 @@ import json
 import math
 import re
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,8 +148,12 @@ def load_probe_model(spec: str | Path | ProbeModel) -> ProbeModel:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the parameter and buffer names and bytes (the feature cache key)."""
+    """SHA-256 over the submodules' structure and settings (their ``repr``, e.g. the
+    prototype logits and temperature, which are not tensors) and the parameter and buffer
+    names and bytes (the feature cache key)."""
     h = hashlib.sha256()
+    for name, child in model.named_children():
+        h.update(f"{name}={child!r};".encode())
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
@@ -187,9 +192,9 @@ def compute_features(model: CARLModel, images: np.ndarray, *, mean: Sequence[flo
         stem = "-".join(_safe_name(str(tag[k])) for k in ("model", "dataset", "split") if k in tag)
         path = Path(cache_dir) / f"{stem or 'features'}-{layer}-{digest}.safetensors"
         if path.is_file():
-            from safetensors.torch import load_file
-
-            return load_file(str(path))["features"]
+            cached = _read_cached_features(path, len(images))
+            if cached is not None:
+                return cached
     feats = extract_features(model, images, mean=mean, std=std, size=size,
                              batch_size=batch_size, layer=layer, device=dev)
     if path is not None:
@@ -198,6 +203,22 @@ def compute_features(model: CARLModel, images: np.ndarray, *, mean: Sequence[flo
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file({"features": feats.contiguous()}, str(tmp),
                                                  metadata={"carlzoo_features": json.dumps(key)}))
+    return feats
+
+
+def _read_cached_features(path: Path, rows: int) -> Tensor | None:
+    """The features cached in ``path``, or None (with a warning) when the file is damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        feats = load_file(str(path))["features"]
+        if feats.ndim != 2 or feats.shape[0] != rows:
+            raise ValueError(f"features {tuple(feats.shape)} for {rows} images")
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        warnings.warn(f"feature cache {path} is unreadable ({exc}); computing it again",
+                      stacklevel=3)
+        return None
     return feats
 
 
