@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import click
@@ -22,6 +24,21 @@ def _table(result: dict[str, Any]) -> str:
         text = f"{v:.4f}" if key in ("nmi", "ari") else f"{v:.2f}" if isinstance(v, float) else v
         rows.append(f"  {key:<20} {text}")
     return "\n".join(rows)
+
+
+def _check_out(out_path: str) -> None:
+    """Refuse an --out that cannot be written before the probe runs (it may take hours)."""
+    folder = Path(out_path).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # write_json creates the missing folders
+    if not folder.is_dir():
+        raise click.BadParameter(f"{folder} is a file, not a folder", param_hint="'--out'")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise click.BadParameter(f"cannot write in {folder}: {e.strerror}; choose another "
+                                 "folder", param_hint="'--out'") from None
 
 
 @click.command()
@@ -62,6 +79,8 @@ def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path
     carlzoo probe --model carl-cifar10 --dataset cifar100 --data-root data/ \\
         --protocol linear --cache feats/ --out c10_to_c100.json
     """
+    if out_path is not None:
+        _check_out(out_path)
     from carlzoo.training import evaluate
     from carlzoo.training.checkpoint import CheckpointError
     from carlzoo.training.datasets import DatasetError
@@ -79,5 +98,9 @@ def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path
         raise click.ClickException(f"{type(e).__name__}: {msg}") from None
     click.echo(_table(result))
     if out_path is not None:
-        evaluate.write_json(result, out_path)
+        try:
+            evaluate.write_json(result, out_path)
+        except OSError as e:
+            raise click.ClickException(f"cannot write {out_path}: {e.strerror or e}; the "
+                                       "result is printed above") from None
         click.echo(f"wrote {out_path}")

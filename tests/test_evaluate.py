@@ -405,6 +405,17 @@ def test_errors_are_one_line(tiny_run, tmp_path):
     assert no_run.exit_code == 1 and "Traceback" not in no_run.output
 
 
+def test_out_that_cannot_be_written_is_refused_before_the_probe(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = blocker / "sub" / "res.json"
+    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
+                                     "--data-root", str(tmp_path), "--protocol", "knn",
+                                     "--out", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"Invalid value for '--out': {blocker} is a file, not a folder" in res.output
+
+
 def test_unlabelled_dataset_is_refused(tmp_path, monkeypatch):
     from carlzoo.training import datasets
 
