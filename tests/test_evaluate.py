@@ -373,6 +373,32 @@ def test_cross_domain_probe_of_a_model_folder(tiny_run, tmp_path):
     assert res["cross_domain"] is True
 
 
+def test_cross_domain_of_a_generic_loader_compares_the_data_paths(tiny_run, tmp_path):
+    run, data = tiny_run  # trained with --dataset npz on `data`
+    other = _npz(tmp_path / "other.npz", 16)
+    same = evaluate.run_probe(run, "npz", data, "knn", k=5, device="cpu")
+    moved = evaluate.run_probe(run, "npz", other, "knn", k=5, device="cpu")
+    assert same["cross_domain"] is False and moved["cross_domain"] is True
+    pm = evaluate.ProbeModel(build_model(TINY), 16, (0.5,) * 3, (0.5,) * 3, "tiny", "pretrained")
+    assert evaluate.run_probe(pm, "npz", data, "knn", k=5)["cross_domain"] is None  # unknown
+
+
+def test_resize_refuses_preprocessing_it_cannot_reproduce(tiny_run, tmp_path):
+    from carlzoo.pretrained import Preprocessing, ZooConfig, save_pretrained
+
+    _, data = tiny_run
+    cfg = ZooConfig(architecture=TINY, name="tiny",
+                    preprocessing=Preprocessing(input_size=12, resize_size=14))
+    folder = save_pretrained(build_model(TINY), tmp_path / "m", cfg)
+    with pytest.raises(evaluate.ProbeError) as info:
+        evaluate.run_probe(str(folder), "npz", data, "knn", resize=True, device="cpu")
+    assert str(info.value) == (
+        f"model {folder} preprocesses with resize_size 14 and bicubic interpolation; the probe "
+        "resizes only as carlzoo's models do (shorter side to 12 px, bicubic, centre crop): "
+        "give it the images at 12x12 px"
+    )
+
+
 def test_errors_are_one_line(tiny_run, tmp_path):
     run, data = tiny_run
     runner = CliRunner()
@@ -414,6 +440,42 @@ def test_out_that_cannot_be_written_is_refused_before_the_probe(tmp_path):
                                      "--out", str(out)])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert f"Invalid value for '--out': {blocker} is a file, not a folder" in res.output
+
+
+def test_an_empty_split_is_named(tmp_path):
+    data = tmp_path / "empty.npz"
+    x = np.zeros((0, 16, 16, 3), np.uint8)
+    np.savez(data, x_train=x, y_train=np.zeros(0, np.int64), x_test=x,
+             y_test=np.zeros(0, np.int64))
+    pm = evaluate.ProbeModel(build_model(TINY), 16, (0.5,) * 3, (0.5,) * 3, "tiny", "run")
+    with pytest.raises(evaluate.ProbeError, match=rf"^npz: the test split of {data} holds no"):
+        evaluate.run_probe(pm, "npz", data, "cluster", device="cpu")
+
+
+def test_finetuning_batches_hold_at_least_two_images_and_the_global_rng_is_kept():
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8), np.array([0, 1, 0])
+    kw = dict(num_classes=2, mean=(0.5,) * 3, std=(0.25,) * 3, size=16, epochs=1,
+              layer="projection", device="cpu")
+    with pytest.raises(evaluate.ProbeError, match="batches of at least 2 images .*batch_size=1"):
+        evaluate.finetune_classifier(build_model(TINY), x, y, batch_size=1, **kw)
+    # Three images at batch 2 used to be split 2 + 1, and BatchNorm1d refuses one. The
+    # caller's global RNG is left as it was.
+    model = build_model(TINY)
+    before = torch.random.get_rng_state()
+    evaluate.finetune_classifier(model, x, y, batch_size=2, **kw)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+@pytest.mark.parametrize(("layer", "width"),
+                         [("backbone", 32), ("projection", 128), ("logits", 10)])
+def test_features_of_no_images_have_the_layer_width(layer, width):
+    from carlzoo.training.features import extract_features
+
+    empty = np.zeros((0, 16, 16, 3), np.uint8)
+    feats = extract_features(build_model(TINY), empty, mean=(0.5,) * 3, std=(0.25,) * 3,
+                             layer=layer)
+    assert feats.shape == (0, width)
 
 
 def test_unlabelled_dataset_is_refused(tmp_path, monkeypatch):

@@ -99,6 +99,9 @@ class ProbeModel:
     source: str  # "run" (training run / checkpoint) or "pretrained" (carlzoo.load)
     train_dataset: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    train_data_root: str | None = None  # where a run's data.root pointed
+    resize_size: int | None = None  # the model's own preprocessing; None: input_size
+    interpolation: str = "bicubic"
 
 
 def _is_run(path: Path) -> bool:
@@ -133,7 +136,8 @@ def load_probe_model(spec: str | Path | ProbeModel) -> ProbeModel:
         return ProbeModel(model=model, input_size=int(cfg.data.image_size),
                           mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std),
                           name=str(spec), source="run", train_dataset=cfg.data.dataset,
-                          info={"epoch": ckpt.epoch, "architecture": cfg.model.to_dict()})
+                          info={"epoch": ckpt.epoch, "architecture": cfg.model.to_dict()},
+                          train_data_root=str(cfg.data.root))
     import carlzoo
 
     model = carlzoo.load(str(spec))
@@ -144,7 +148,9 @@ def load_probe_model(spec: str | Path | ProbeModel) -> ProbeModel:
                       std=tuple(float(v) for v in _attr(pre, "std")), name=str(spec),
                       source="pretrained",
                       train_dataset=_pretrained_train_dataset(model.config),
-                      info={"architecture": _jsonable(arch)})
+                      info={"architecture": _jsonable(arch)},
+                      resize_size=int(_attr(pre, "resize_size")),
+                      interpolation=str(_attr(pre, "interpolation")))
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -392,15 +398,19 @@ def finetune_classifier(model: CARLModel, images: np.ndarray, labels: np.ndarray
     ``augment``: ``"crop_flip"`` (BatchAugment random resized crop + flip, colour ops off),
     ``"flip"`` or ``"none"``.
     """
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 2:
+        raise ProbeError(f"fine-tuning needs batches of at least 2 images (BatchNorm), got "
+                         f"batch_size={batch_size}")
     if augment not in ("crop_flip", "flip", "none"):
         raise ValueError(f"augment={augment!r}: expected crop_flip, flip or none")
     if layer not in LAYERS:
         raise ValueError(f"layer={layer!r}: expected one of {list(LAYERS)}")
     dev = resolve_device(device)
-    torch.manual_seed(seed)
-    clf = _Classifier(copy.deepcopy(model).float(), num_classes, layer).to(dev)
+    with torch.random.fork_rng(devices=[]):  # seeds the head's init, not the caller's RNG
+        torch.default_generator.manual_seed(seed)
+        clf = _Classifier(copy.deepcopy(model).float(), num_classes, layer).to(dev)
     opt = torch.optim.SGD(decay_groups(clf.trainable(), weight_decay), lr=lr, momentum=momentum,
                           nesterov=momentum > 0)
     aug = BatchAugment(AugmentConfig(crop_scale=crop_scale, jitter_p=0.0, grayscale_p=0.0,
@@ -410,8 +420,9 @@ def finetune_classifier(model: CARLModel, images: np.ndarray, labels: np.ndarray
     n = x_all.shape[0]
     if n < 2:
         raise ProbeError(f"fine-tuning needs at least 2 labelled images, got {n}")
-    # round(n / batch) near-equal batches per epoch: every image is used, none is tiny (BN).
-    steps_per_epoch = max(1, round(n / batch_size))
+    # round(n / batch) near-equal batches per epoch: every image is used, none is tiny (BN
+    # needs 2 per batch).
+    steps_per_epoch = max(1, min(round(n / batch_size), n // 2))
     lrs = cosine_schedule(lr, 0.0, steps_per_epoch * epochs)  # per step, down to 0
     g_cpu = torch.Generator().manual_seed(seed)
     g_dev = torch.Generator(device=dev).manual_seed(seed + 1)
@@ -581,6 +592,8 @@ def _load_labelled(dataset: str, root: str | Path, split: str, *, download: bool
     from carlzoo.training.datasets import load_split
 
     data = load_split(dataset, root, split, download=download, image_size=image_size)
+    if len(data.images) == 0:
+        raise ProbeError(f"{dataset}: the {split} split of {root} holds no images")
     if data.labels is None:
         raise ProbeError(f"{dataset}: the {split} split has no labels; the probe protocols "
                          "need a labelled dataset")
@@ -594,6 +607,22 @@ def _check_size(pm: ProbeModel, dataset: str, data: Any) -> np.ndarray:
     raise ProbeError(f"model {pm.name} expects {pm.input_size} px inputs but {dataset} "
                      f"images are {h}x{w} px; pass --resize (resize=True) to resize them "
                      f"to {pm.input_size} px")
+
+
+def _cross_domain(pm: ProbeModel, dataset: str, data_root: str | Path) -> bool | None:
+    """Whether the probe data differ from the training data; None when that is unknown.
+
+    Generic loaders (npz, imagefolder, folder) are the same dataset only at the same path.
+    """
+    if pm.train_dataset is None:
+        return None
+    if pm.train_dataset != dataset:
+        return True
+    if dataset in ("npz", *FOLDER_DATASETS):
+        if pm.train_data_root is None:
+            return None
+        return Path(pm.train_data_root).resolve() != Path(data_root).resolve()
+    return False
 
 
 def run_probe(model: str | Path | ProbeModel, dataset: str, data_root: str | Path,
@@ -612,6 +641,14 @@ def run_probe(model: str | Path | ProbeModel, dataset: str, data_root: str | Pat
     # The dataset readers resize (shorter side, then a centre crop) when given a size; folders
     # of images always need one.
     size_arg = pm.input_size if resize or dataset in FOLDER_DATASETS else None
+    if size_arg is not None and ((pm.resize_size or pm.input_size) != pm.input_size
+                                 or pm.interpolation != "bicubic"):
+        raise ProbeError(
+            f"model {pm.name} preprocesses with resize_size {pm.resize_size} and "
+            f"{pm.interpolation} interpolation; the probe resizes only as carlzoo's models do "
+            f"(shorter side to {pm.input_size} px, bicubic, centre crop): give it the images "
+            f"at {pm.input_size}x{pm.input_size} px"
+        )
     test = _load_labelled(dataset, data_root, "test", download=download, image_size=size_arg)
     test_x = _check_size(pm, dataset, test)
     train = None
@@ -665,7 +702,7 @@ def run_probe(model: str | Path | ProbeModel, dataset: str, data_root: str | Pat
         "model_source": pm.source,
         "model_train_dataset": pm.train_dataset,
         "probe_dataset": dataset,
-        "cross_domain": (pm.train_dataset is not None and pm.train_dataset != dataset),
+        "cross_domain": _cross_domain(pm, dataset, data_root),
         **result,
         "n_train": 0 if train is None else int(len(train.labels)),
         "n_test": int(len(test.labels)),

@@ -76,5 +76,8 @@ def extract_features(
     finally:
         model.train(was_training).to(was_device)
     if not out:
-        return torch.zeros(0, model.num_features)
+        cfg = model.model_config
+        width = {"backbone": model.num_features, "projection": cfg.proj_dim,
+                 "logits": cfg.num_prototypes}[layer]
+        return torch.zeros(0, width)
     return torch.cat(out)
