@@ -10,7 +10,8 @@ Formats (N embedded images, D dimensions, k = top-k, M skipped images):
     embed: the (N, D) float32 array; assign: a structured array with fields ``ids`` int64
     (k,) and ``probs`` float32 (k,). Companions: ``FILE.paths.txt`` (N lines, row order)
     and ``FILE.skipped.txt`` (M lines ``path<TAB>error``; written even when empty, so no
-    stale list survives a rerun).
+    stale list survives a rerun). The three files are renamed into place together, the .npy
+    last: when ``FILE`` exists, its companions are those of the same run.
 ``.csv``
     embed: header ``path,error,e0..e{D-1}``; assign: ``path,error,top1_id,top1_prob,...``.
     The N embedded images first, in input order, then one row per skipped image with its
@@ -21,6 +22,7 @@ Formats (N embedded images, D dimensions, k = top-k, M skipped images):
 
 Every file is written to a temp file in the same folder and renamed into place, so a
 reader never sees a partial file and a failed run leaves no file behind.
+:func:`check_writable` probes the output folder before any work.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
     "OutputError",
     "atomic_write",
     "atomic_write_text",
+    "check_writable",
     "output_format",
     "write_embeddings",
     "write_assignments",
@@ -51,12 +54,11 @@ class OutputError(ValueError):
     """The output path cannot be written in the asked format. The message is one line."""
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temp file next to ``path``, fsync it, rename it onto ``path``.
+def _write_temp(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a new temp file next to ``path`` and fsync it; return ``tmp``.
 
-    On any error the temp file is removed and ``path`` is left as it was.
+    On any error the temp file is removed.
     """
-    path = Path(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -65,11 +67,50 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temp file next to ``path``, fsync it, rename it onto ``path``.
+
+    On any error the temp file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp = _write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _atomic_write_group(files: Sequence[tuple[Path, Callable[[Path], None]]]) -> list[Path]:
+    """Write several files that belong together; the last one of ``files`` marks a complete set.
+
+    Every file is first written to a temp file next to it. Only then are the previous files
+    removed, the last one first, and the temp files renamed into place, the last one last.
+    An interruption (Ctrl-C, power loss) can so leave an incomplete set, the last file
+    missing, but never the last file of one run next to another run's files. On any error
+    every temp file is removed; an error while the temp files are written leaves the
+    previous files as they were.
+    """
+    temps: list[Path] = []
+    try:
+        for path, write in files:
+            temps.append(_write_temp(path, write))
+        for path, _ in reversed(files):
+            path.unlink(missing_ok=True)
+        for (path, _), tmp in zip(files, temps, strict=True):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
+    return [path for path, _ in files]
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -90,6 +131,24 @@ def _require_pyarrow() -> None:
     except ImportError:
         raise OutputError(
             "writing .parquet needs pyarrow: pip install pyarrow (or write .npz, .npy or .csv)"
+        ) from None
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise :class:`OutputError` unless a file can be created in ``path``'s folder.
+
+    Creates and removes a temp file there, so a read-only folder (or one on a read-only or
+    full file system) is reported before any work rather than after it.
+    """
+    path = Path(path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise OutputError(
+            f"output {str(path)!r}: cannot create a file in {str(path.parent)!r}: "
+            f"{e.strerror or e}; choose a writable folder"
         ) from None
 
 
@@ -125,8 +184,9 @@ def _str_array(values: Sequence[str]) -> np.ndarray:
     return np.asarray(list(values), dtype=np.str_) if len(values) else np.zeros(0, np.str_)
 
 
-def _write_text_lines(path: Path, lines: Sequence[str]) -> None:
-    atomic_write_text(path, "".join(f"{x}\n" for x in lines))
+def _text_lines_writer(lines: Sequence[str]) -> Callable[[Path], None]:
+    text = "".join(f"{x}\n" for x in lines)
+    return lambda tmp: tmp.write_text(text, encoding="utf-8")
 
 
 def _one_line(text: str) -> str:
@@ -170,11 +230,16 @@ def _write(
                 np.save(f, npy, allow_pickle=False)
 
         paths_txt, skipped_txt = companion_paths(path)
-        atomic_write(path, write_npy)
-        _write_text_lines(paths_txt, list(ids))
         lines = [f"{s}\t{e}" for s, e in zip(skipped_ids, errors, strict=True)]
-        _write_text_lines(skipped_txt, lines)
-        return [path, paths_txt, skipped_txt]
+        # The .npy goes last: once it exists, the companions next to it are this run's.
+        written = _atomic_write_group(
+            [
+                (paths_txt, _text_lines_writer(list(ids))),
+                (skipped_txt, _text_lines_writer(lines)),
+                (path, write_npy),
+            ]
+        )
+        return [written[-1], *written[:-1]]
     if fmt == "csv":
         blank = [""] * (len(header) - 2)
 
@@ -210,7 +275,13 @@ def write_embeddings(
     skipped: Sequence[tuple[str, str]] = (),
 ) -> list[Path]:
     """Write (N, D) ``embeddings`` of the images ``ids``, and the ``skipped`` (id, error)
-    pairs, in the format of ``path``'s extension. Returns the files written."""
+    pairs, in the format of ``path``'s extension. Returns the files written.
+
+    Each file is replaced atomically. A .npy output is three files: all are written to temp
+    files first, then the previous .npy and its companions are removed and the new files
+    renamed into place, the .npy last. An interruption can leave the .npy missing, but never
+    a .npy next to another run's ``FILE.paths.txt``. On an error no temp file is left.
+    """
     fmt = output_format(path)
     emb = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32))
     if emb.ndim != 2 or emb.shape[0] != len(ids):
@@ -246,7 +317,11 @@ def write_assignments(
     skipped: Sequence[tuple[str, str]] = (),
 ) -> list[Path]:
     """Write the top-k prototype ``top_ids`` (N, k) and ``top_probs`` (N, k) of the images
-    ``ids``, and the ``skipped`` (id, error) pairs. Returns the files written."""
+    ``ids``, and the ``skipped`` (id, error) pairs. Returns the files written.
+
+    Written as :func:`write_embeddings` writes: a .npy and its companions are renamed into
+    place together, the .npy last, so they never mix two runs.
+    """
     fmt = output_format(path)
     tid = np.ascontiguousarray(np.asarray(top_ids, dtype=np.int64))
     tpr = np.ascontiguousarray(np.asarray(top_probs, dtype=np.float32))

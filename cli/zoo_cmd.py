@@ -186,12 +186,31 @@ def find_inputs(inputs: tuple[str, ...] | list[str]) -> list[tuple[Path, str]]:
 
 
 def _check_out(out: str) -> None:
-    from carlzoo.outputs import OutputError, output_format
+    """Usage error (exit 2) before any work when ``out`` cannot be written."""
+    from carlzoo.outputs import OutputError, check_writable, output_format
 
     try:
         output_format(out)
+        check_writable(out)
     except OutputError as e:
         raise click.BadParameter(str(e), param_hint="'--out'") from None
+
+
+def _write_out(out: str, write: Callable[[], list[Path]]) -> list[Path]:
+    """Run ``write()``; an OSError (read-only folder, full disk) becomes a one-line error.
+
+    The writers remove their temp files on any error, so nothing half-written is left.
+    """
+    from carlzoo.outputs import OutputError
+
+    try:
+        return write()
+    except OutputError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(
+            f"cannot write {out}: {e.strerror or e}; choose a writable folder"
+        ) from None
 
 
 def _report(
@@ -266,7 +285,7 @@ def embed(
         lambda model, x: model.embed(x, layer=layer, normalize=normalize).numpy(),
     )
     emb = np.concatenate(results).astype(np.float32, copy=False)
-    written = write_embeddings(out, good, emb, skipped)
+    written = _write_out(out, lambda: write_embeddings(out, good, emb, skipped))
     _report("embedded", good, skipped, written, time.perf_counter() - t0)
 
 
@@ -319,7 +338,7 @@ def assign(
     )
     ids = np.concatenate([r[0] for r in results])
     probs = np.concatenate([r[1] for r in results])
-    written = write_assignments(out, good, ids, probs, skipped)
+    written = _write_out(out, lambda: write_assignments(out, good, ids, probs, skipped))
     _report("assigned", good, skipped, written, time.perf_counter() - t0)
 
 
@@ -407,12 +426,18 @@ def info(spec: str, as_json: bool) -> None:
                 repo_id, [CONFIG_NAME], rev, cache_dir=None, token=None, label=spec
             )
         else:
-            folder = Path(spec)
+            folder = Path(spec).expanduser()
+            if not folder.exists():
+                from carlzoo.pretrained import load
+
+                load(spec)  # no such folder: raises load's own error, with its did-you-mean
         if folder is not None:
             from carlzoo.pretrained import read_config
 
             report["config"] = read_config(folder).to_dict()
-            report["files"] = sorted(p.name for p in folder.iterdir() if p.is_file())
+            files = sorted(p.name for p in folder.iterdir() if p.is_file())
+            # A Hub snapshot folder holds only what this machine downloaded so far.
+            report["cached_files" if spec.startswith("hf-hub:") else "files"] = files
     except ZooError as e:
         raise click.ClickException(str(e)) from None
     if as_json:
@@ -424,4 +449,4 @@ def info(spec: str, as_json: bool) -> None:
             for k, v in _flatten(value):
                 click.echo(f"  {k}: {json.dumps(v, default=str) if not isinstance(v, str) else v}")
         else:
-            click.echo(f"{section}: {value}")
+            click.echo(f"{section.replace('_', ' ')}: {value}")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +18,7 @@ from click.testing import CliRunner
 from PIL import Image
 from tiny import TINY
 
+from carlzoo import outputs
 from carlzoo.cli.zoo_cmd import assign, embed, info, list_cmd
 from carlzoo.model import build_model
 from carlzoo.pretrained import (
@@ -243,6 +248,7 @@ def test_parquet_reads_back_when_pyarrow_is_installed(
     model_dir: Path, model: PretrainedCARL, images: Path, tmp_path: Path
 ) -> None:
     import pyarrow.parquet as pq  # in the test extra, so this path always runs in CI
+
     out = tmp_path / "emb.parquet"
     assert run(embed, [str(images), "-m", str(model_dir), "-o", str(out), "-j", "0"]).exit_code == 0
     table = pq.read_table(out).to_pydict()
@@ -314,6 +320,158 @@ def test_output_is_atomic_when_the_model_fails_midway(
     assert calls["n"] == 2
     assert out.read_bytes() == b"previous result"  # untouched, no partial file
     assert [p.name for p in tmp_path.iterdir()] == ["emb.npz"]
+
+
+def _unwritable_folder(kind: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A folder where no file can be created, for root and for normal users alike."""
+    if kind == "sysfs":  # /sys refuses new files even to root (EACCES, or EROFS when read-only)
+        folder = Path("/sys")
+        if not folder.is_dir():  # pragma: no cover - not Linux
+            pytest.skip("needs Linux /sys")
+        try:
+            fd, name = tempfile.mkstemp(dir=folder)
+        except OSError:
+            return folder
+        os.close(fd)  # pragma: no cover - a system that lets us write there
+        os.unlink(name)  # pragma: no cover
+        pytest.skip("/sys is writable here")  # pragma: no cover
+
+    def read_only(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", read_only)
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind", ["sysfs", "read-only"])
+@pytest.mark.parametrize("cmd", [embed, assign])
+def test_unwritable_output_folder_fails_before_any_work(
+    cmd, kind: str, images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _unwritable_folder(kind, monkeypatch, tmp_path)
+    out = folder / "emb.npz"
+    res = run_catching(cmd, [str(images), "--model", "no/such/model", "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith(f"Error: Invalid value for '--out': output {str(out)!r}: cannot create")
+    assert last.endswith("; choose a writable folder")
+    assert "no/such/model" not in res.output  # the model was never looked at
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "cmd, name, failing_fsync",
+    [
+        (embed, "emb.npz", 1),
+        (embed, "emb.npy", 3),  # after both companions were written to their temp files
+        (assign, "a.npy", 2),
+        (assign, "a.csv", 1),
+    ],
+)
+def test_a_failed_write_after_the_work_is_one_line_and_leaves_the_old_output(
+    cmd,
+    name: str,
+    failing_fsync: int,
+    model_dir: Path,
+    images: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    out = tmp_path / name
+    previous = {out.name: b"previous result"}
+    if out.suffix == ".npy":
+        previous.update({f"{name}.paths.txt": b"old\n", f"{name}.skipped.txt": b""})
+    for file, data in previous.items():
+        (tmp_path / file).write_bytes(data)
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def disk_full(fd: int) -> None:  # the disk fills up while the output is written
+        calls["n"] += 1
+        if calls["n"] == failing_fsync:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    res = run_catching(cmd, [str(images), "-m", str(model_dir), "-o", str(out), "-j", "0"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert calls["n"] == failing_fsync  # all the work was done: it failed while writing
+    assert res.output.strip().splitlines()[-1] == (
+        f"Error: cannot write {out}: {os.strerror(errno.ENOSPC)}; choose a writable folder"
+    )
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == previous  # no temp files
+
+
+def _rewrite_npy_interrupted(
+    folder: Path, interrupt_at: int | None, monkeypatch: pytest.MonkeyPatch
+) -> tuple[bool, int]:
+    """Write a .npy output, then rewrite it with Ctrl-C arriving at file-system step
+    ``interrupt_at`` (an unlink or a rename; None: never). Returns (interrupted, steps)."""
+    folder.mkdir()
+    outputs.write_embeddings(
+        folder / "emb.npy",
+        ["a.png", "b.png", "c.png"],
+        np.eye(3, 4, dtype=np.float32),
+        [("bad.png", "old error")],
+    )
+    steps = {"n": 0}
+
+    def interrupting(real):
+        def step(*args: object, **kwargs: object) -> None:
+            steps["n"] += 1
+            if steps["n"] - 1 == interrupt_at:
+                raise KeyboardInterrupt
+            real(*args, **kwargs)
+
+        return step
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", interrupting(os.replace))
+        m.setattr(os, "unlink", interrupting(os.unlink))
+        try:
+            outputs.write_embeddings(
+                folder / "emb.npy", ["z.png", "y.png"], np.full((2, 4), 7, np.float32)
+            )
+        except KeyboardInterrupt:
+            return True, steps["n"]
+    return False, steps["n"]
+
+
+def test_an_interrupted_npy_rewrite_never_mixes_two_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C at every unlink or rename of a .npy rewrite: the .npy and FILE.paths.txt next
+    to it always come from the same run (or the .npy is missing), and no temp file is left."""
+    interrupted, n_steps = _rewrite_npy_interrupted(tmp_path / "clean", None, monkeypatch)
+    assert not interrupted and n_steps >= 3
+    for k in range(n_steps):
+        folder = tmp_path / f"step{k}"
+        assert _rewrite_npy_interrupted(folder, k, monkeypatch)[0]
+        names = sorted(p.name for p in folder.iterdir())
+        assert not [n for n in names if n.startswith(".")], (k, names)  # no temp file
+        out = folder / "emb.npy"
+        if not out.exists():  # an incomplete set: no result, rather than a wrong one
+            continue
+        rows = np.load(out)
+        paths_txt, skipped_txt = outputs.companion_paths(out)
+        pairs = (
+            paths_txt.read_text().splitlines(),
+            skipped_txt.read_text().splitlines(),
+            rows.tolist(),
+        )
+        old = (["a.png", "b.png", "c.png"], ["bad.png\told error"], np.eye(3, 4).tolist())
+        new = (["z.png", "y.png"], [], np.full((2, 4), 7.0).tolist())
+        assert pairs in (old, new), (k, pairs)
+    clean = tmp_path / "clean"
+    assert sorted(p.name for p in clean.iterdir()) == [
+        "emb.npy",
+        "emb.npy.paths.txt",
+        "emb.npy.skipped.txt",
+    ]
+    assert (clean / "emb.npy.paths.txt").read_text().splitlines() == ["z.png", "y.png"]
+    assert (clean / "emb.npy.skipped.txt").read_text() == ""
+    np.testing.assert_array_equal(np.load(clean / "emb.npy"), np.full((2, 4), 7, np.float32))
 
 
 def test_parallel_decoding_gives_the_same_result(
@@ -410,6 +568,30 @@ def test_list_and_info(model_dir: Path) -> None:
     assert "model.safetensors" in res.output
     res = CliRunner().invoke(info, [str(model_dir / "missing")])
     assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_info_on_a_near_miss_of_a_zoo_name_suggests_it_as_load_does() -> None:
+    import carlzoo
+    from carlzoo.registry import ZooError
+
+    res = CliRunner().invoke(info, ["carl-cifar"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    with pytest.raises(ZooError) as raised:
+        carlzoo.load("carl-cifar")
+    assert "did you mean 'carl-cifar10'?" in str(raised.value)
+    assert res.output.strip() == f"Error: {raised.value}"
+
+
+def test_info_on_a_hub_repo_labels_the_files_as_cached(local_hub, model_dir: Path) -> None:
+    files = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    local_hub.add_repo_files("test/info-cached-files", files)
+    res = CliRunner().invoke(info, ["hf-hub:test/info-cached-files"])
+    assert res.exit_code == 0, res.output
+    assert "cached files: ['config.json']" in res.output.splitlines()
+    assert not any(line.startswith("files:") for line in res.output.splitlines())
+    res = CliRunner().invoke(info, ["hf-hub:test/info-cached-files", "--json"])
+    report = json.loads(res.output)
+    assert report["cached_files"] == ["config.json"] and "files" not in report
 
 
 def test_demo_runs_on_the_example_images(model_dir: Path, capsys: pytest.CaptureFixture) -> None:
