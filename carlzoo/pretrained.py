@@ -13,19 +13,26 @@ unpickles: weights come from safetensors or ONNX only.
 :func:`load` takes a zoo name (see :mod:`carlzoo.registry`; a bundled copy inside the
 package is used offline after a sha256 check, else the pinned Hub revision is downloaded
 through huggingface_hub and every file is sha256-checked), a local folder, or
-``hf-hub:org/repo[@revision]`` (downloaded, not hash-pinned).
+``hf-hub:org/repo[@revision]`` (downloaded, not hash-pinned; an LFS file is checked against
+the sha256 its cached blob is named after). A Hub file that fails its check, or weights that
+do not decode, are downloaded once more over the cached blob and checked again: a plain
+download would re-link the corrupt blob. Offline, the error names the blob to delete.
 
 With ``backend="onnx"`` the folder must hold ``model.onnx``; when it does not, the error
 says how to add one (``python -m carlzoo.export.onnx FOLDER``). One exception: a zoo model
 bundled without ``model.onnx`` (the package ships float16 safetensors only, to stay small)
 gets it exported from its sha256-checked weights on first use, checked against PyTorch, and
 kept in the carlzoo cache (``$CARLZOO_CACHE``, else ``$XDG_CACHE_HOME/carlzoo``, else
-``~/.cache/carlzoo``) under the weights' hash.
+``~/.cache/carlzoo``) under the hashes of its config and weights, with the export's own
+sha256, which is checked on every load (a damaged export is made again). The model uses
+the bundled, checked config.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -48,7 +55,7 @@ from carlzoo import registry
 from carlzoo.devices import missing_cuda, parse_device
 from carlzoo.images import ImageTransform, read_image
 from carlzoo.model import CARLModel, ModelConfig
-from carlzoo.outputs import atomic_write, atomic_write_text
+from carlzoo.outputs import _umask, atomic_write, atomic_write_text
 from carlzoo.registry import ZooError
 
 __all__ = [
@@ -277,6 +284,8 @@ class _Inference:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if isinstance(x, Tensor):
             x = self._check_tensor(x)
+            if x.shape[0] == 0:
+                raise ValueError("no images given")
             for i in range(0, x.shape[0], batch_size):
                 yield x[i : i + batch_size]
             return
@@ -540,6 +549,10 @@ def read_config(directory: str | Path) -> ZooConfig:
         raise ZooError(f"{path}: {e}") from None
 
 
+class _CorruptWeights(ZooError):
+    """model.safetensors cannot be decoded (as opposed to: it does not fit the architecture)."""
+
+
 def _load_state(path: Path, model: CARLModel) -> None:
     from safetensors import safe_open
 
@@ -551,7 +564,7 @@ def _load_state(path: Path, model: CARLModel) -> None:
             for key in f.keys():
                 state[key] = f.get_tensor(key)
     except Exception as e:  # safetensors raises SafetensorError and others on corrupt files
-        raise ZooError(f"corrupt weights file {path}: {_one_line(e)}") from None
+        raise _CorruptWeights(f"corrupt weights file {path}: {_one_line(e)}") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -609,16 +622,16 @@ def _needed_files(backend: str) -> list[str]:
     return [CONFIG_NAME, ONNX_NAME if backend == "onnx" else WEIGHTS_NAME]
 
 
-def _hub_download(
+def _hub_file(
     repo_id: str,
-    filenames: list[str],
+    fname: str,
     revision: str | None,
     *,
     cache_dir: Any,
     token: Any,
     label: str,
 ) -> Path:
-    """Download ``filenames`` of one revision into the HF cache; return their folder."""
+    """Download one file of one revision into the HF cache; return its snapshot path."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -630,48 +643,58 @@ def _hub_download(
 
     from carlzoo import __version__
 
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id,
+                fname,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                library_name="carlzoo",
+                library_version=__version__,
+            )
+        )
+    except LocalEntryNotFoundError:
+        raise ZooError(
+            f"{label}: {fname} is not in the Hugging Face cache and the Hub "
+            "cannot be reached (offline, HF_HUB_OFFLINE=1, or no network); "
+            "load it once online, or load a local folder"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ZooError(
+            f"{label}: repository {repo_id} not found (or it is private or gated: pass token=...)"
+        ) from None
+    except RevisionNotFoundError:
+        raise ZooError(f"{label}: revision {revision!r} not found in {repo_id}") from None
+    except EntryNotFoundError:
+        hint = (
+            "; add one with `python -m carlzoo.export.onnx FOLDER` and upload it, or use"
+            " backend='torch'"
+            if fname == ONNX_NAME
+            else ""
+        )
+        raise ZooError(
+            f"{label}: {repo_id} has no {fname} at revision {revision or 'main'}{hint}"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ZooError(f"{label}: cannot download {fname} from {repo_id}: {_one_line(e)}") from None
+
+
+def _hub_download(
+    repo_id: str,
+    filenames: list[str],
+    revision: str | None,
+    *,
+    cache_dir: Any,
+    token: Any,
+    label: str,
+) -> Path:
+    """Download ``filenames`` of one revision into the HF cache; return their folder."""
     folder: Path | None = None
     rev = revision
     for fname in filenames:
-        try:
-            path = Path(
-                hf_hub_download(
-                    repo_id,
-                    fname,
-                    revision=rev,
-                    cache_dir=cache_dir,
-                    token=token,
-                    library_name="carlzoo",
-                    library_version=__version__,
-                )
-            )
-        except LocalEntryNotFoundError:
-            raise ZooError(
-                f"{label}: {fname} is not in the Hugging Face cache and the Hub "
-                "cannot be reached (offline, HF_HUB_OFFLINE=1, or no network); "
-                "load it once online, or load a local folder"
-            ) from None
-        except RepositoryNotFoundError:
-            raise ZooError(
-                f"{label}: repository {repo_id} not found (or it is private or "
-                "gated: pass token=...)"
-            ) from None
-        except RevisionNotFoundError:
-            raise ZooError(f"{label}: revision {rev!r} not found in {repo_id}") from None
-        except EntryNotFoundError:
-            hint = (
-                "; add one with `python -m carlzoo.export.onnx FOLDER` and upload it, or use"
-                " backend='torch'"
-                if fname == ONNX_NAME
-                else ""
-            )
-            raise ZooError(
-                f"{label}: {repo_id} has no {fname} at revision {rev or 'main'}{hint}"
-            ) from None
-        except (HfHubHTTPError, OSError, ValueError) as e:
-            raise ZooError(
-                f"{label}: cannot download {fname} from {repo_id}: {_one_line(e)}"
-            ) from None
+        path = _hub_file(repo_id, fname, rev, cache_dir=cache_dir, token=token, label=label)
         if folder is None:
             folder = path.parent
             if registry.COMMIT_SHA.match(folder.name):
@@ -683,6 +706,138 @@ def _hub_download(
             )
     assert folder is not None
     return folder
+
+
+def _download_again(
+    repo_id: str, fname: str, revision: str | None, blob: Path, *, cache_dir: Any, token: Any
+) -> str | None:
+    """Download ``fname`` again over its cached blob; None when done, else what to do instead.
+
+    A plain download re-links the blob already in the cache (``blobs/<etag>``), corrupt or
+    not, so only ``force_download=True`` repairs it. ``blob`` is named in the advice.
+    """
+    from huggingface_hub import constants, hf_hub_download
+
+    if constants.HF_HUB_OFFLINE:
+        return (
+            "HF_HUB_OFFLINE=1 is set, so it cannot be downloaded again: delete the cached "
+            f"file {blob} and load once online"
+        )
+    try:
+        hf_hub_download(
+            repo_id,
+            fname,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            force_download=True,
+        )
+    except Exception as e:  # huggingface_hub wraps the network error in a ValueError
+        why = _one_line(e.__cause__ if e.__cause__ is not None else e)
+        return (
+            f"downloading it again failed ({why}): delete the cached file {blob} and load "
+            "again once the Hub can be reached"
+        )
+    return None
+
+
+def _expected_sha256(entry: registry.ZooEntry | None, path: Path, label: str) -> str | None:
+    """What ``path``'s sha256 must be: the registry's pin for a zoo model, else the sha256 its
+    cached blob is named after when it is an LFS blob; None when there is nothing to check."""
+    if entry is not None:
+        return registry.pinned_sha256(entry, path.name, path, source=f"Hub download {label}")
+    name = path.resolve().name
+    return name if registry.SHA256.match(name) else None
+
+
+def _corrupt_cache_message(
+    entry: registry.ZooEntry | None,
+    label: str,
+    path: Path,
+    expected: str,
+    actual: str,
+    advice: str,
+) -> str:
+    blob = path.resolve()
+    if entry is not None:
+        return registry.mismatch_message(
+            entry,
+            path.name,
+            blob,
+            source=f"Hub download {label}",
+            expected=expected,
+            actual=actual,
+            advice=advice,
+        )
+    return (
+        f"{label}: {path.name} in the Hugging Face cache ({blob}) is corrupt: its sha256 is "
+        f"{actual}, not {expected} (the sha256 its blob is named after); {advice}"
+    )
+
+
+def _load_from_hub(
+    repo_id: str,
+    revision: str | None,
+    device: Any,
+    backend: str,
+    *,
+    cache_dir: Any,
+    token: Any,
+    label: str,
+    entry: registry.ZooEntry | None = None,
+) -> PretrainedCARL | OnnxCARL:
+    """Download the files ``backend`` needs from the Hub, check them and load them.
+
+    Each file is hashed once: against the registry's pin for a zoo model (``entry``), else,
+    for an LFS file, against the sha256 its cached blob is named after. A file that fails
+    its check, or weights that were not hashed and do not decode, are downloaded once more
+    over the cached blob (``force_download=True``) and checked again; a ZooError naming the
+    blob (``path.resolve()``) is raised only when that fails or is impossible (offline).
+    """
+    needed = _needed_files(backend)
+    folder = _hub_download(repo_id, needed, revision, cache_dir=cache_dir, token=token, label=label)
+    rev = folder.name if registry.COMMIT_SHA.match(folder.name) else revision
+    hashed: set[str] = set()
+    for fname in needed:
+        path = folder / fname
+        expected = _expected_sha256(entry, path, label)
+        if expected is None:
+            continue
+        hashed.add(fname)
+        actual = registry.sha256_file(path)
+        if actual == expected:
+            continue
+        blob = path.resolve()
+        advice = _download_again(repo_id, fname, rev, blob, cache_dir=cache_dir, token=token)
+        if advice is None:
+            actual = registry.sha256_file(path)
+            if actual == expected:
+                continue
+            served = "the registry pins" if entry is not None else "its LFS pointer names"
+            advice = f"downloading it again gave the same: the Hub does not serve the file {served}"
+        raise ZooError(_corrupt_cache_message(entry, label, path, expected, actual, advice))
+    for attempt in (1, 2):
+        try:
+            return from_pretrained(folder, device, backend)
+        except _CorruptWeights as e:
+            blob = (folder / WEIGHTS_NAME).resolve()
+            why = _one_line(e.__context__ if e.__context__ is not None else e)
+            if WEIGHTS_NAME in hashed:  # the very file the Hub serves: downloading cannot help
+                raise ZooError(
+                    f"{label}: corrupt weights file {blob}, although its sha256 is the expected "
+                    f"one: the file on the Hub is broken ({why})"
+                ) from None
+            if attempt == 2:
+                raise ZooError(
+                    f"{label}: corrupt weights file {blob} even after downloading it again: the "
+                    f"file on the Hub is broken ({why})"
+                ) from None
+            advice = _download_again(
+                repo_id, WEIGHTS_NAME, rev, blob, cache_dir=cache_dir, token=token
+            )
+            if advice is not None:
+                raise ZooError(f"{label}: corrupt weights file {blob} ({why}); {advice}") from None
+    raise AssertionError("unreachable")
 
 
 def _parse_hub_spec(spec: str, revision: str | None) -> tuple[str, str | None]:
@@ -699,6 +854,12 @@ def _parse_hub_spec(spec: str, revision: str | None) -> tuple[str, str | None]:
     return repo_id, rev or revision
 
 
+_BUNDLED_ADVICE = (
+    "the bundled file is corrupt or not the published one: reinstall carlzoo "
+    "(pip install --force-reinstall carlzoo)"
+)
+
+
 def _load_zoo(
     name: str, device: Any, backend: str, revision: str | None, cache_dir: Any, token: Any
 ) -> PretrainedCARL | OnnxCARL:
@@ -711,11 +872,13 @@ def _load_zoo(
             f"revision use 'hf-hub:{entry.repo_id}@{revision}' (not hash-checked)"
         )
     if bundled is not None:
+        source = "bundled folder"
         if backend == "onnx" and not (bundled / ONNX_NAME).is_file():
             weights = [CONFIG_NAME, WEIGHTS_NAME]
-            registry.verify_files(entry, bundled, weights, source="bundled folder")
-            return from_pretrained(_bundled_onnx(entry, bundled), device, backend)
-        registry.verify_files(entry, bundled, needed, source="bundled folder")
+            registry.verify_files(entry, bundled, weights, source=source, advice=_BUNDLED_ADVICE)
+            config = read_config(bundled)  # the checked config, never a cached copy
+            return OnnxCARL(_bundled_onnx(entry, bundled, config), config, device)
+        registry.verify_files(entry, bundled, needed, source=source, advice=_BUNDLED_ADVICE)
         return from_pretrained(bundled, device, backend)
     if entry.status != "published" or entry.revision is None:
         raise ZooError(registry.unpublished_message(name))
@@ -726,11 +889,16 @@ def _load_zoo(
                 f"{label}: the registry pins no sha256 for {fname}, so it is not "
                 "downloaded" + (": use backend='torch'" if fname == ONNX_NAME else "")
             )
-    folder = _hub_download(
-        entry.repo_id, needed, entry.revision, cache_dir=cache_dir, token=token, label=label
+    return _load_from_hub(
+        entry.repo_id,
+        entry.revision,
+        device,
+        backend,
+        cache_dir=cache_dir,
+        token=token,
+        label=label,
+        entry=entry,
     )
-    registry.verify_files(entry, folder, needed, source=f"Hub download {label}")
-    return from_pretrained(folder, device, backend)
 
 
 def cache_root() -> Path:
@@ -742,25 +910,85 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "carlzoo"
 
 
-def _bundled_onnx(entry: registry.ZooEntry, bundled: Path) -> Path:
-    """A folder with config.json and model.onnx exported from ``bundled``'s checked weights.
+ONNX_SHA256_NAME = ONNX_NAME + ".sha256"
+"""In an ONNX cache folder: the sha256 of its model.onnx, recorded when it was exported."""
 
-    Kept in ``cache_root()/onnx/<name>-<sha256 of the weights>`` and written once: the export
-    is compared with PyTorch (``carlzoo.export.onnx.add_onnx``) in a temporary folder that is
-    renamed into place only when it passes.
+
+def _onnx_cache_folder(entry: registry.ZooEntry) -> Path:
+    """``cache_root()/onnx/<name>-<key>``, the key hashing both config.json's and the weights'
+    pinned sha256: a release that changes either gets a folder of its own."""
+    pins = f"{entry.files[CONFIG_NAME]}\n{entry.files[WEIGHTS_NAME]}\n".encode()
+    return cache_root() / "onnx" / f"{entry.name}-{hashlib.sha256(pins).hexdigest()[:16]}"
+
+
+def _cached_onnx_problem(folder: Path) -> str | None:
+    """None when ``folder/model.onnx`` has the sha256 recorded at its export, else what is
+    wrong with it (the folder may be missing, half-removed or tampered with)."""
+    try:
+        recorded = (folder / ONNX_SHA256_NAME).read_text(encoding="ascii").split()
+        actual = registry.sha256_file(folder / ONNX_NAME)
+    except (OSError, UnicodeDecodeError) as e:
+        return f"unreadable: {_one_line(e)}"
+    if not recorded or recorded[0] != actual:
+        want = recorded[0] if recorded else "nothing"
+        return f"its sha256 is {actual}, its export recorded {want}"
+    return None
+
+
+def _install_folder(tmp: Path, folder: Path) -> None:
+    """Rename the finished export ``tmp`` to ``folder``, unless ``folder`` already holds a
+    complete, verified export (another process finished first): then ``tmp`` is left for the
+    caller to remove. A ``folder`` that fails verification is moved aside and removed first.
     """
-    folder = cache_root() / "onnx" / f"{entry.name}-{entry.files[WEIGHTS_NAME][:16]}"
-    if (folder / CONFIG_NAME).is_file() and (folder / ONNX_NAME).is_file():
-        return folder
+    for _ in range(5):
+        if _cached_onnx_problem(folder) is None:
+            return
+        if folder.exists():  # incomplete or damaged: move it aside in one step, then remove it
+            trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            try:
+                os.rename(folder, trash / folder.name)
+            except FileNotFoundError:  # another process moved it first
+                pass
+            finally:
+                shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(tmp, folder)
+            return
+        except OSError as e:  # another process renamed its export into place meanwhile
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    raise OSError(f"{folder} keeps being replaced by other processes")
+
+
+def _bundled_onnx(entry: registry.ZooEntry, bundled: Path, config: ZooConfig) -> Path:
+    """``model.onnx`` exported from ``bundled``'s checked weights, kept in carlzoo's cache.
+
+    The folder (:func:`_onnx_cache_folder`) is written once: the export is compared with
+    PyTorch (``carlzoo.export.onnx.add_onnx``) in a temporary folder, its sha256 recorded
+    there (``model.onnx.sha256``), and the folder renamed into place only then. The sha256 is
+    checked on every load; a model.onnx that fails the check is exported again.
+    """
+    folder = _onnx_cache_folder(entry)
+    problem = _cached_onnx_problem(folder)
+    if problem is None:
+        return folder / ONNX_NAME
     from carlzoo.export.onnx import add_onnx
 
-    dtype = read_config(bundled).provenance.get("weights_dtype", "float32")
     log = logging.getLogger("carlzoo")
-    log.warning(
-        "%s: model.onnx is not bundled; exporting it from model.safetensors into %s (once)",
-        entry.name,
-        folder,
-    )
+    if folder.exists():
+        log.warning(
+            "%s: the cached %s in %s is damaged (%s); exporting it again",
+            entry.name,
+            ONNX_NAME,
+            folder,
+            problem,
+        )
+    else:
+        log.warning(
+            "%s: model.onnx is not bundled; exporting it from model.safetensors into %s (once)",
+            entry.name,
+            folder,
+        )
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -770,22 +998,24 @@ def _bundled_onnx(entry: registry.ZooEntry, bundled: Path) -> Path:
             " set CARLZOO_CACHE to a writable folder or use backend='torch'"
         ) from None
     try:
-        shutil.copyfile(bundled / CONFIG_NAME, tmp / CONFIG_NAME)
+        shutil.copyfile(bundled / CONFIG_NAME, tmp / CONFIG_NAME)  # for people; never read
+        dtype = config.provenance.get("weights_dtype", "float32")
         onnx_dtype = dtype if dtype in ("float32", "float16") else "float32"
         add_onnx(bundled, dtype=onnx_dtype, out=tmp / ONNX_NAME)
-        if folder.exists():  # an unfinished folder of an older version: replace it
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        digest = registry.sha256_file(tmp / ONNX_NAME)
+        atomic_write_text(tmp / ONNX_SHA256_NAME, f"{digest}  {ONNX_NAME}\n")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would shut other users out
+        _install_folder(tmp, folder)
     except Exception as e:
-        if (folder / ONNX_NAME).is_file():  # another process finished first
-            return folder
+        if _cached_onnx_problem(folder) is None:  # another process finished first
+            return folder / ONNX_NAME
         raise ZooError(
             f"{entry.name}: model.onnx is not bundled and exporting it from model.safetensors "
             f"failed ({_one_line(e)}); use backend='torch'"
         ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return folder / ONNX_NAME
 
 
 def load(
@@ -819,10 +1049,9 @@ def load(
     if isinstance(spec, str) and text.startswith(_HUB_PREFIX):
         repo_id, rev = _parse_hub_spec(text, revision)
         label = f"hf-hub:{repo_id}" + (f"@{rev}" if rev else "")
-        folder = _hub_download(
-            repo_id, _needed_files(backend), rev, cache_dir=cache_dir, token=token, label=label
+        return _load_from_hub(
+            repo_id, rev, device, backend, cache_dir=cache_dir, token=token, label=label
         )
-        return from_pretrained(folder, device, backend)
     if isinstance(spec, str) and text in registry.REGISTRY:
         return _load_zoo(text, device, backend, revision, cache_dir, token)
     path = Path(text).expanduser()

@@ -32,6 +32,8 @@ __all__ = [
     "bundled_path",
     "registry_table",
     "sha256_file",
+    "pinned_sha256",
+    "mismatch_message",
     "verify_files",
     "unpublished_message",
 ]
@@ -43,7 +45,8 @@ COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 """A full git commit sha, as the registry pins and the Hub cache names snapshot folders."""
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 """A Hub repository id, ``org/name``."""
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+"""A hex sha256, as the registry pins and the Hub cache names LFS blobs."""
 _STATUSES = ("published", "unpublished")
 
 
@@ -78,7 +81,7 @@ class ZooEntry:
                 f"sha, got {self.revision!r}"
             )
         for fname, digest in self.files.items():
-            if not _SHA256.match(digest):
+            if not SHA256.match(digest):
                 raise ValueError(
                     f"registry entry {self.name}: sha256 of {fname} must be "
                     f"64 lowercase hex digits, got {digest!r}"
@@ -157,10 +160,47 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def verify_files(entry: ZooEntry, folder: str | Path, filenames: list[str], *, source: str) -> None:
+def pinned_sha256(entry: ZooEntry, fname: str, path: str | Path, *, source: str) -> str:
+    """The sha256 ``entry`` pins for ``fname``; ZooError naming ``path`` when it pins none."""
+    expected = entry.files.get(fname)
+    if expected is None:
+        raise ZooError(
+            f"{entry.name}: the registry pins no sha256 for {fname}, so the {source} copy "
+            f"at {path} is not loaded; add its hash to the registry entry or load the "
+            "folder by path"
+        )
+    return expected
+
+
+def mismatch_message(
+    entry: ZooEntry,
+    fname: str,
+    path: str | Path,
+    *,
+    source: str,
+    expected: str,
+    actual: str,
+    advice: str,
+) -> str:
+    """The one-line message for a file whose sha256 is not the pinned one; ``advice`` ends it."""
+    return (
+        f"{entry.name}: sha256 mismatch for {fname} from the {source} ({path}): "
+        f"expected {expected}, got {actual}; {advice}"
+    )
+
+
+def verify_files(
+    entry: ZooEntry,
+    folder: str | Path,
+    filenames: list[str],
+    *,
+    source: str,
+    advice: str = "the file is corrupt or not the published one: delete it and fetch it again",
+) -> None:
     """Check ``folder/<f>`` against ``entry.files[f]`` for each ``f``; ZooError on any problem.
 
-    ``source`` says where the files came from (used in messages), e.g. "bundled folder".
+    ``source`` says where the files came from (used in messages), e.g. "bundled folder";
+    ``advice`` ends the message of a sha256 mismatch and says what to do.
     """
     folder = Path(folder)
     for fname in filenames:
@@ -169,19 +209,19 @@ def verify_files(entry: ZooEntry, folder: str | Path, filenames: list[str], *, s
             raise ZooError(f"{entry.name}: {fname} is missing from the {source} {folder}{hint}")
     for fname in filenames:
         path = folder / fname
-        expected = entry.files.get(fname)
-        if expected is None:
-            raise ZooError(
-                f"{entry.name}: the registry pins no sha256 for {fname}, so the {source} copy "
-                f"at {path} is not loaded; add its hash to the registry entry or load the "
-                "folder by path"
-            )
+        expected = pinned_sha256(entry, fname, path, source=source)
         actual = sha256_file(path)
         if actual != expected:
             raise ZooError(
-                f"{entry.name}: sha256 mismatch for {fname} from the {source} ({path}): "
-                f"expected {expected}, got {actual}; the file is corrupt or not the published "
-                "one: delete it and fetch it again"
+                mismatch_message(
+                    entry,
+                    fname,
+                    path,
+                    source=source,
+                    expected=expected,
+                    actual=actual,
+                    advice=advice,
+                )
             )
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -389,6 +392,14 @@ def test_embed_input_errors(loaded: PretrainedCARL, tmp_path: Path) -> None:
         loaded.embed(tmp_path / "gone.png")
 
 
+def test_an_empty_batch_says_no_images_given(loaded: PretrainedCARL) -> None:
+    for empty in ([], torch.zeros(0, 3, SIZE, SIZE), np.zeros((0, SIZE, SIZE, 3), np.uint8)):
+        with pytest.raises(ValueError, match="^no images given$"):
+            loaded.embed(empty)
+        with pytest.raises(ValueError, match="^no images given$"):
+            loaded.assign(empty)
+
+
 def test_transform_matches_the_documented_preprocessing() -> None:
     pre = Preprocessing(
         input_size=8,
@@ -514,25 +525,43 @@ def test_bundled_folder_without_pinned_hashes_is_refused(
         carlzoo.load("carl-stl10", backend="onnx")
 
 
+def _bundle_and_pin(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``folder`` bundled as carl-cifar10 (no model.onnx), pinned, with a cache of its own."""
+    bundle = _bundle(folder, tmp_path / "models", "carl-cifar10")
+    monkeypatch.setattr(registry, "BUNDLED_DIR", tmp_path / "models")
+    monkeypatch.setenv("CARLZOO_CACHE", str(tmp_path / "cache"))
+    _pin(monkeypatch, "carl-cifar10",
+         {f: sha256_file(bundle / f) for f in ("config.json", "model.safetensors")})
+    return bundle
+
+
 def test_bundled_model_without_onnx_gets_it_exported_once_into_the_cache(
     model: CARLModel, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import carlzoo.export.onnx as onnx_mod
     from carlzoo.pretrained import OnnxCARL, cache_root
 
-    bundle = _bundle(folder, tmp_path / "models", "carl-cifar10")
-    monkeypatch.setattr(registry, "BUNDLED_DIR", tmp_path / "models")
-    monkeypatch.setenv("CARLZOO_CACHE", str(tmp_path / "cache"))
+    bundle = _bundle_and_pin(folder, tmp_path, monkeypatch)
     assert cache_root() == tmp_path / "cache"
-    hashes = {f: sha256_file(bundle / f) for f in ("config.json", "model.safetensors")}
-    _pin(monkeypatch, "carl-cifar10", hashes)
-
-    m = carlzoo.load("carl-cifar10", backend="onnx")
+    umask = os.umask(0o022)
+    try:
+        m = carlzoo.load("carl-cifar10", backend="onnx")
+    finally:
+        os.umask(umask)
     assert isinstance(m, OnnxCARL)
-    cached = tmp_path / "cache" / "onnx" / f"carl-cifar10-{hashes['model.safetensors'][:16]}"
+    [cached] = list((tmp_path / "cache" / "onnx").iterdir())  # no temp left
+    assert cached.name.startswith("carl-cifar10-")
     assert m.onnx_path == cached / "model.onnx"
-    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]  # no temp left
-    assert sorted(p.name for p in cached.iterdir()) == ["config.json", "model.onnx"]
+    assert sorted(p.name for p in cached.iterdir()) == [
+        "config.json",
+        "model.onnx",
+        "model.onnx.sha256",
+    ]
+    recorded = (cached / "model.onnx.sha256").read_text().split()
+    assert recorded == [sha256_file(cached / "model.onnx"), "model.onnx"]
+    # Made for a shared CARLZOO_CACHE: as open as the umask allows, not mkdtemp's 0700.
+    assert stat.S_IMODE(cached.stat().st_mode) == 0o755
+    assert stat.S_IMODE((cached / "model.onnx").stat().st_mode) == 0o644
     assert sorted(p.name for p in bundle.iterdir()) == ["config.json", "model.safetensors"]
     x = torch.randn(3, 3, SIZE, SIZE)
     torch.testing.assert_close(m.embed(x), carlzoo.load("carl-cifar10").embed(x), atol=1e-4,
@@ -544,6 +573,98 @@ def test_bundled_model_without_onnx_gets_it_exported_once_into_the_cache(
 
     monkeypatch.setattr(onnx_mod, "add_onnx", no_export)
     assert carlzoo.load("carl-cifar10", backend="onnx").onnx_path == cached / "model.onnx"
+
+
+def test_onnx_cache_of_a_bundled_model_uses_the_bundled_config(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = _bundle_and_pin(folder, tmp_path, monkeypatch)
+    carlzoo.load("carl-cifar10", backend="onnx")  # exported for this config.json
+
+    # A release with the same weights and a corrected config.json (other normalisation).
+    cfg = json.loads((bundle / "config.json").read_text())
+    cfg["preprocessing"].update(mean=[0.1, 0.1, 0.1], std=[0.9, 0.9, 0.9])
+    (bundle / "config.json").write_text(json.dumps(cfg))
+    _pin(monkeypatch, "carl-cifar10",
+         {f: sha256_file(bundle / f) for f in ("config.json", "model.safetensors")})
+    onnx_model = carlzoo.load("carl-cifar10", backend="onnx")
+    torch_model = carlzoo.load("carl-cifar10")
+    assert onnx_model.config == torch_model.config
+    assert onnx_model.config.preprocessing.mean == (0.1, 0.1, 0.1)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(3)]
+    torch.testing.assert_close(onnx_model.embed(images), torch_model.embed(images), atol=1e-4,
+                               rtol=1e-4)
+    assert len(list((tmp_path / "cache" / "onnx").iterdir())) == 2  # one folder per release
+
+
+def test_a_damaged_onnx_export_in_the_cache_is_made_again(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from carlzoo.export.onnx import add_onnx
+
+    _bundle_and_pin(folder, tmp_path, monkeypatch)
+    path = carlzoo.load("carl-cifar10", backend="onnx").onnx_path
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    expected = carlzoo.load("carl-cifar10").embed(x)
+    other = save_pretrained(tiny_model(seed=5), tmp_path / "other", ZooConfig(TINY, PRE))
+    add_onnx(other, check=False)  # another model's export, as valid an ONNX file as ours
+    good = path.read_bytes()
+
+    def swapped() -> None:
+        path.write_bytes((other / "model.onnx").read_bytes())
+
+    def truncated() -> None:
+        path.write_bytes(good[: len(good) // 2])
+
+    def unrecorded() -> None:  # a folder left by an interrupted or older carlzoo
+        (path.parent / "model.onnx.sha256").unlink()
+
+    for damage in (swapped, truncated, unrecorded):
+        damage()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="carlzoo"):
+            m = carlzoo.load("carl-cifar10", backend="onnx")
+        warned = [r.getMessage() for r in caplog.records if "exporting it again" in r.getMessage()]
+        assert len(warned) == 1 and "\n" not in warned[0], (damage.__name__, caplog.text)
+        assert f"the cached model.onnx in {path.parent} is damaged" in warned[0]
+        assert m.onnx_path == path
+        torch.testing.assert_close(m.embed(x), expected, atol=1e-4, rtol=1e-4)
+        assert (path.parent / "model.onnx.sha256").read_text().split()[0] == sha256_file(path)
+        assert [p.name for p in path.parent.parent.iterdir()] == [path.parent.name]
+
+
+def test_an_onnx_export_another_process_finished_first_is_kept(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import carlzoo.export.onnx as onnx_mod
+
+    _bundle_and_pin(folder, tmp_path, monkeypatch)
+    real_add_onnx = onnx_mod.add_onnx
+    theirs: dict[str, object] = {}
+
+    def racing(directory: Path, *, out: Path, **kwargs: object) -> Path:
+        real_add_onnx(directory, out=out, **kwargs)  # ours, in our temporary folder
+        # Meanwhile another process renames its complete export into the final folder.
+        tmp = Path(out).parent
+        final = tmp.parent / tmp.name[1:].rsplit(".", 1)[0]
+        other = tmp.parent / "other-process"
+        other.mkdir()
+        for name in ("config.json", "model.onnx"):
+            shutil.copyfile(tmp / name, other / name)
+        digest = sha256_file(other / "model.onnx")
+        (other / "model.onnx.sha256").write_text(f"{digest}  model.onnx\n")
+        os.rename(other, final)
+        theirs.update(path=final / "model.onnx", inode=(final / "model.onnx").stat().st_ino)
+        return Path(out)
+
+    monkeypatch.setattr(onnx_mod, "add_onnx", racing)
+    m = carlzoo.load("carl-cifar10", backend="onnx")
+    assert m.onnx_path == theirs["path"]
+    assert m.onnx_path.stat().st_ino == theirs["inode"]  # theirs kept, not replaced by ours
+    assert [p.name for p in m.onnx_path.parent.parent.iterdir()] == [m.onnx_path.parent.name]
 
 
 def test_failed_onnx_export_of_a_bundled_model_is_one_line_and_leaves_nothing(
@@ -618,6 +739,12 @@ def _folder_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
+def _gets(hub: object, since: int, fname: str) -> int:
+    return sum(
+        r.method == "GET" and r.path.endswith(f"/{fname}") for r in hub.requests[since:]
+    )
+
+
 def test_load_hf_hub_spec_at_a_commit(local_hub, folder: Path, loaded: PretrainedCARL) -> None:
     sha = local_hub.add_repo_files("test/tiny-hub", _folder_files(folder))
     x = torch.randn(3, 3, SIZE, SIZE)
@@ -672,16 +799,30 @@ def test_load_registry_name_from_the_hub_checks_hashes(
         status="published",
         repo_id="carlzoo-test/carl-tinyimagenet",
     )
+    n = len(local_hub.requests)
     with pytest.raises(
         ZooError,
         match="sha256 mismatch for model.safetensors from the Hub download carl-tinyimagenet",
     ) as info:
         carlzoo.load("carl-tinyimagenet")
-    assert "expected abab" in str(info.value)
+    msg = str(info.value)
+    assert "expected abab" in msg and "\n" not in msg
+    # Downloaded again once (the cached copy might have been the corrupt one), then refused.
+    assert "downloading it again gave the same: the Hub does not serve the file the registry " \
+        "pins" in msg
+    assert _gets(local_hub, n, "model.safetensors") == 1
 
 
-def test_tampered_hub_cache_is_refused(
-    local_hub, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What HF_HUB_OFFLINE=1 sets when huggingface_hub is imported."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_corrupt_hub_cache_of_a_zoo_model_is_downloaded_again(
+    local_hub, folder: Path, loaded: PretrainedCARL, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(registry, "BUNDLED_DIR", tmp_path / "no-bundle")
     files = _folder_files(folder)
@@ -696,11 +837,109 @@ def test_tampered_hub_cache_is_refused(
     )
     cache = tmp_path / "cache"
     carlzoo.load("carl-imagenet64", cache_dir=cache)
-    [cached] = list(cache.rglob("snapshots/*/model.safetensors"))
-    real = cached.resolve()
-    real.write_bytes(real.read_bytes()[:-1] + b"\x00")
-    with pytest.raises(ZooError, match="sha256 mismatch for model.safetensors"):
+    [link] = list(cache.rglob("snapshots/*/model.safetensors"))
+    blob = link.resolve()
+    assert blob != link and blob.parent.name == "blobs"
+    good = blob.read_bytes()
+    bad = good[:-1] + bytes([good[-1] ^ 1])
+    x = torch.randn(2, 3, SIZE, SIZE)
+    # Deleting the snapshot link (what the error used to advise) re-links the corrupt blob.
+    for delete_link in (False, True):
+        blob.write_bytes(bad)
+        if delete_link:
+            link.unlink()
+        n = len(local_hub.requests)
+        m = carlzoo.load("carl-imagenet64", cache_dir=cache)
+        assert torch.equal(m.embed(x), loaded.embed(x))
+        assert blob.read_bytes() == good  # repaired in place
+        assert _gets(local_hub, n, "model.safetensors") == 1  # downloaded again, once
+
+    # Offline nothing can be downloaded again: the error names the blob to delete.
+    blob.write_bytes(bad)
+    _offline(monkeypatch)
+    n = len(local_hub.requests)
+    with pytest.raises(ZooError, match="sha256 mismatch for model.safetensors") as info:
         carlzoo.load("carl-imagenet64", cache_dir=cache)
+    msg = str(info.value)
+    assert f"({blob})" in msg and f"delete the cached file {blob} and load once online" in msg
+    assert "HF_HUB_OFFLINE=1" in msg and "\n" not in msg
+    assert len(local_hub.requests) == n
+
+
+def test_published_zoo_weights_that_do_not_decode_name_the_blob(
+    local_hub, folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(registry, "BUNDLED_DIR", tmp_path / "no-bundle")
+    files = _folder_files(folder)
+    files["model.safetensors"] = files["model.safetensors"][:100]  # broken on the Hub itself
+    sha = local_hub.add_repo_files("carlzoo-test/carl-stl10", files)
+    hashes = {f: hashlib.sha256(data).hexdigest() for f, data in files.items()}
+    _pin(monkeypatch, "carl-stl10", hashes, revision=sha, status="published",
+         repo_id="carlzoo-test/carl-stl10")
+    cache = tmp_path / "cache"
+    n = len(local_hub.requests)
+    with pytest.raises(ZooError, match="corrupt weights file .*blobs") as info:
+        carlzoo.load("carl-stl10", cache_dir=cache)
+    assert "its sha256 is the expected one: the file on the Hub is broken" in str(info.value)
+    assert _gets(local_hub, n, "model.safetensors") == 1  # not downloaded again: no use
+
+
+def test_corrupt_lfs_blob_of_a_hub_spec_is_downloaded_again(
+    local_hub, folder: Path, loaded: PretrainedCARL, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sha = local_hub.add_repo_files("test/tiny-corrupt-lfs", _folder_files(folder))
+    assert local_hub.is_lfs("test/tiny-corrupt-lfs", "model.safetensors")
+    spec, cache = f"hf-hub:test/tiny-corrupt-lfs@{sha}", tmp_path / "cache"
+    load(spec, cache_dir=cache)
+    [link] = list(cache.rglob("snapshots/*/model.safetensors"))
+    blob = link.resolve()
+    good = blob.read_bytes()
+    assert blob.name == sha256_file(blob)  # an LFS blob is named after its sha256
+    x = torch.randn(2, 3, SIZE, SIZE)
+    flipped = good[:-1] + bytes([good[-1] ^ 0x40])  # still decodes, to other weights
+    for bad in (flipped, good[: len(good) // 2]):
+        blob.write_bytes(bad)
+        n = len(local_hub.requests)
+        assert torch.equal(load(spec, cache_dir=cache).embed(x), loaded.embed(x))
+        assert blob.read_bytes() == good
+        assert _gets(local_hub, n, "model.safetensors") == 1
+
+    blob.write_bytes(flipped)
+    _offline(monkeypatch)
+    with pytest.raises(ZooError, match=r"model.safetensors in the Hugging Face cache \(") as info:
+        load(spec, cache_dir=cache)
+    msg = str(info.value)
+    assert f"({blob}) is corrupt: its sha256 is {sha256_file(blob)}, not {blob.name}" in msg
+    assert f"delete the cached file {blob} and load once online" in msg and "\n" not in msg
+
+
+def test_undecodable_weights_of_a_hub_spec_are_downloaded_again(
+    local_hub, folder: Path, loaded: PretrainedCARL, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hubserver
+
+    with monkeypatch.context() as mp:  # plain git files: blobs named by git sha1, not sha256
+        mp.setattr(hubserver, "_wants_lfs", lambda *args: False)
+        sha = local_hub.add_repo_files("test/tiny-no-lfs", _folder_files(folder))
+    assert not local_hub.is_lfs("test/tiny-no-lfs", "model.safetensors")
+    spec, cache = f"hf-hub:test/tiny-no-lfs@{sha}", tmp_path / "cache"
+    load(spec, cache_dir=cache)
+    [link] = list(cache.rglob("snapshots/*/model.safetensors"))
+    blob = link.resolve()
+    good = blob.read_bytes()
+    blob.write_bytes(good[: len(good) // 2])
+    x = torch.randn(2, 3, SIZE, SIZE)
+    n = len(local_hub.requests)
+    assert torch.equal(load(spec, cache_dir=cache).embed(x), loaded.embed(x))
+    assert blob.read_bytes() == good and _gets(local_hub, n, "model.safetensors") == 1
+
+    blob.write_bytes(good[: len(good) // 2])
+    _offline(monkeypatch)
+    with pytest.raises(ZooError, match=f"corrupt weights file {re.escape(str(blob))} ") as info:
+        load(spec, cache_dir=cache)
+    assert f"delete the cached file {blob} and load once online" in str(info.value)
 
 
 def test_offline_load_from_the_cache(
