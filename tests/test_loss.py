@@ -6,6 +6,7 @@ import torch
 from carlzoo.training.loss import (
     CARLLoss,
     consistency_loss,
+    consistency_loss_from_logits,
     kl_to_uniform,
     kl_weight,
     mean_assignment,
@@ -32,6 +33,25 @@ def test_consistency_known_value_for_uniform_assignments():
 def test_consistency_large_but_finite_for_disagreeing_views():
     loss = consistency_loss(one_hot([0, 1], 4), one_hot([1, 0], 4))
     assert torch.isfinite(loss) and loss.item() > 10
+
+
+def test_consistency_from_logits_is_exact_and_keeps_its_gradient_when_views_disagree():
+    # Two prototypes, logit gap 30, views on opposite ones: <p_a, p_b> ~ 2e-13, below the
+    # probability form's floor. log p_a + log p_b = -30 - log(1 + e^-30) for both k, so
+    # L_c = 30 - log 2 (+ 2 log(1 + e^-30), negligible).
+    a = torch.tensor([[30.0, 0.0]], requires_grad=True)
+    b = torch.tensor([[0.0, 30.0]], requires_grad=True)
+    loss = consistency_loss_from_logits(a, b)
+    assert loss.item() == pytest.approx(30 - math.log(2), rel=1e-6)
+    loss.backward()
+    # d/da of -logsumexp(log_softmax(a) + log_softmax(b)): -(q - p_a) with q = softmax of the
+    # sum (uniform here) and p_a = (1, 0): (0.5, -0.5).
+    torch.testing.assert_close(a.grad, torch.tensor([[0.5, -0.5]]))
+    # Where the probability form is exact, both agree.
+    g = torch.Generator().manual_seed(0)
+    la, lb = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    torch.testing.assert_close(consistency_loss_from_logits(la, lb),
+                               consistency_loss(la.softmax(1), lb.softmax(1)))
 
 
 def test_uniform_prior_zero_when_mean_is_uniform():

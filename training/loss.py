@@ -17,6 +17,7 @@ from carlzoo.training import dist
 
 __all__ = [
     "consistency_loss",
+    "consistency_loss_from_logits",
     "uniform_prior_loss",
     "mean_assignment",
     "kl_to_uniform",
@@ -38,6 +39,19 @@ def consistency_loss(p_a: Tensor, p_b: Tensor) -> Tensor:
     """
     agreement = (p_a.float() * p_b.float()).sum(dim=1)  # (B,)
     return -torch.log(agreement.clamp_min(_EPS)).mean()
+
+
+def consistency_loss_from_logits(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """Eq. 4 from the prototype logits, in log space: -1/B sum_i logsumexp_k(log p_ik^a +
+    log p_ik^b).
+
+    The same value as :func:`consistency_loss` of their softmaxes, without its floor: when
+    two views confidently disagree, <p^a, p^b> underflows (below 1e-8 at a logit gap of
+    ~18), where the probability form would stop at -log 1e-8 with no gradient.
+    """
+    log_a = torch.log_softmax(logits_a.float(), dim=1)
+    log_b = torch.log_softmax(logits_b.float(), dim=1)
+    return -torch.logsumexp(log_a + log_b, dim=1).mean()
 
 
 def mean_assignment(p: Tensor) -> Tensor:
@@ -100,7 +114,7 @@ class CARLLoss(nn.Module):
         with torch.autocast(device_type=logits_a.device.type, enabled=False):
             p_a = torch.softmax(logits_a.float(), dim=1)  # (B, K)
             p_b = torch.softmax(logits_b.float(), dim=1)  # (B, K)
-            l_c = consistency_loss(p_a, p_b)
+            l_c = consistency_loss_from_logits(logits_a, logits_b)
             p = torch.cat([p_a, p_b])  # (2B, K)
             pbar = mean_assignment(p)
             l_kl = kl_to_uniform(pbar)
