@@ -106,11 +106,31 @@ def test_unknown_key_lists_the_valid_ones():
         ("collapse_patience=0", r"collapse_patience must be >= 1"),
         ("model.proj_hidden_dim=0", r"model.proj_hidden_dim"),
         ("augment.blur_kernel=4", r"augment.blur_kernel must be odd \(or 0"),
+        ("optim.lr=.inf", r"optim.lr must be > 0, got inf"),
+        ("loss.kl_start=.inf", r"loss.kl_start must be >= 0, got inf"),
+        ("knn_t=.nan", r"knn_t must be > 0, got nan"),
+        ("seed=18446744073709551616", r"seed must be in \[0, 9.22337e\+18\], got 18446744"),
+        ("seed=-1", r"seed must be in \[0, "),
     ],
 )
 def test_bad_values_are_refused_with_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["augment.blur_p=0.5", "augment.blur_kernel=41", "data.image_size=16"],
+         r"^the blur kernel \(41 px, augment.blur_kernel\) is too large for data.image_size=16;"),
+        (["model.num_prototypes=2"],
+         r"^collapse_floor=2 must be below model.num_prototypes=2 .*or 0 turns the check off$"),
+    ],
+)
+def test_settings_that_cannot_work_together_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides)
+    load_config(None, [*overrides, "augment.blur_p=0", "collapse_floor=0"])  # the way out
 
 
 @pytest.mark.parametrize(

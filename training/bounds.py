@@ -33,6 +33,8 @@ class Bound:
     hi_open: bool = False
 
     def holds(self, value: float) -> bool:
+        if not math.isfinite(value):  # YAML's .inf / .nan: no setting means "infinite"
+            return False
         above = value > self.lo if self.lo_open else value >= self.lo
         below = value < self.hi if self.hi_open else value <= self.hi
         return above and below

@@ -21,7 +21,7 @@ import yaml
 from carlzoo.devices import parse_device
 from carlzoo.model import ModelConfig
 from carlzoo.outputs import atomic_write_text
-from carlzoo.training.augment import AugmentConfig
+from carlzoo.training.augment import AugmentConfig, blur_kernel_size
 from carlzoo.training.bounds import (
     AT_LEAST_ONE,
     NON_NEGATIVE,
@@ -90,6 +90,7 @@ _TRAIN_BOUNDS: dict[str, Bound] = {
     "knn_max_train": AT_LEAST_ONE,
     "collapse_floor": NON_NEGATIVE,
     "collapse_patience": AT_LEAST_ONE,
+    "seed": Bound(0, 2**63 - 1),  # torch.manual_seed's and numpy's range
 }
 _DATA_CHOICES = {"dataset": DATASETS, "pipeline": ("device", "dataloader")}
 _OPTIM_CHOICES = {"optimizer": ("sgd", "lars")}
@@ -177,6 +178,20 @@ class TrainConfig:
                 f"optim.warmup_epochs={self.optim.warmup_epochs:g} must be shorter than "
                 f"epochs={self.epochs} (the lr would never reach optim.lr); lower it, e.g. "
                 f"--set optim.warmup_epochs={max(self.epochs // 10, 0)}"
+            )
+        kernel = blur_kernel_size(self.augment, self.data.image_size)
+        if self.augment.blur_p > 0 and kernel // 2 >= self.data.image_size:
+            raise ValueError(
+                f"the blur kernel ({kernel} px, augment.blur_kernel) is too large for "
+                f"data.image_size={self.data.image_size}; lower augment.blur_kernel or set "
+                "augment.blur_p=0"
+            )
+        k = self.model.num_prototypes
+        if 0 < self.collapse_floor and self.collapse_floor >= k:
+            raise ValueError(
+                f"collapse_floor={self.collapse_floor:g} must be below model.num_prototypes={k} "
+                "(the effective number of prototypes never exceeds K); lower it, or 0 turns the "
+                "check off"
             )
 
 
