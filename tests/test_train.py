@@ -271,6 +271,48 @@ def test_collapse_guard_stops_a_collapsing_run(tmp_path, tiny_npz):
     assert len(rows) < 6
 
 
+def test_resuming_keeps_the_count_of_collapsed_epochs(tmp_path, tiny_npz):
+    # K = 10 prototypes are never used exactly uniformly: with the floor at 9.99 every epoch
+    # counts as collapsed, so patience 3 stops the run after epoch 3, resumed or not.
+    cfg = tiny_config(tiny_npz, "epochs=6", "knn_every=0", "collapse_floor=9.99",
+                      "collapse_patience=3")
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, stop_after=2)
+    with pytest.raises(CollapseError, match="for 3 epochs"):
+        train(cfg, run, progress=False, resume=True)
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+def test_a_new_start_drops_the_metrics_of_an_earlier_one_that_saved_nothing(tmp_path, tiny_npz):
+    run = tmp_path / "run"
+    run.mkdir()
+    stale = [{"epoch": e, "loss": 9.0} for e in range(1, 6)]  # died before any checkpoint
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    train(tiny_config(tiny_npz, "knn_every=0"), run, progress=False)
+    assert [r["epoch"] for r in read_metrics(run)] == [1, 2]
+    assert all(r["loss"] != 9.0 for r in read_metrics(run))
+
+
+def test_a_warm_up_that_rounds_to_the_whole_run_still_reaches_the_lr(tmp_path, tiny_npz):
+    # 3 steps per epoch: 0.9 epochs of warm-up round to 3 steps, the whole one-epoch run.
+    cfg = tiny_config(tiny_npz, "epochs=1", "optim.warmup_epochs=0.9", "knn_every=0")
+    last = train(cfg, tmp_path / "run", progress=False)
+    assert last["lr"] == pytest.approx(cfg.optim.lr)
+
+
+def test_resuming_a_checkpoint_of_another_model_is_one_line(tmp_path, tiny_npz):
+    from carlzoo.model import ModelConfig, build_model
+
+    last = tmp_path / "run" / "checkpoints" / "last.safetensors"
+    last.parent.mkdir(parents=True)
+    other = build_model(ModelConfig(width=8, num_prototypes=10)).state_dict()
+    save_checkpoint(last, Checkpoint(model=other, epoch=1, step=3))  # no config to compare
+    with pytest.raises(CheckpointError) as info:
+        train(tiny_config(tiny_npz), tmp_path / "run", progress=False, resume=True)
+    assert str(info.value).startswith(f"{last} does not fit this run's model or optimiser (")
+    assert "\n" not in str(info.value)
+
+
 def test_collapse_guard_quiet_on_a_healthy_run(tmp_path, tiny_npz):
     cfg = tiny_config(tiny_npz, "epochs=3", "knn_every=0", "collapse_patience=1")
     train(cfg, tmp_path / "run", progress=False)

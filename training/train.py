@@ -27,6 +27,7 @@ from carlzoo.outputs import atomic_write_text
 from carlzoo.training import dist
 from carlzoo.training.checkpoint import (
     Checkpoint,
+    CheckpointError,
     load_checkpoint,
     read_checkpoint_meta,
     save_checkpoint,
@@ -300,6 +301,22 @@ def _truncate_metrics(path: Path, last_epoch: int) -> None:
         atomic_write_text(path, text)
 
 
+def _collapse_streak(path: Path, last_epoch: int, cfg: TrainConfig, device: torch.device) -> int:
+    """Epochs in a row up to ``last_epoch`` whose effective number of prototypes was below
+    ``cfg.collapse_floor``, from rank 0's metrics.jsonl, the same on every process."""
+    count = 0
+    if last_epoch > 0 and dist.is_main_process():
+        for rec in reversed(read_metrics(path, last_epoch)):
+            eff = rec.get("effective_prototypes")
+            if not isinstance(eff, (int, float)) or eff >= cfg.collapse_floor:
+                break
+            count += 1
+    if dist.world_size() > 1:
+        total = dist.all_reduce_sum(torch.tensor(float(count), device=device))
+        count = int(total.item())
+    return count
+
+
 def _rng_state(device: torch.device) -> dict[str, Tensor]:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -308,11 +325,17 @@ def _rng_state(device: torch.device) -> dict[str, Tensor]:
 
 
 def _collapse_message(eff: float, cfg: TrainConfig, epochs: int) -> str:
+    m = cfg.model
+    logits = (
+        ""
+        if (m.logits, m.temperature) == ("cosine", 0.1)
+        else " use model.logits=cosine with model.temperature 0.1,"
+    )
     return (
         f"training stopped: the prototype assignment collapsed (effective number of "
         f"prototypes {eff:.2f} < collapse_floor {cfg.collapse_floor} for {epochs} epochs). "
-        f"Fixes: raise loss.kl_start / loss.kl_end, use model.logits=cosine with "
-        f"model.temperature 0.1, or lower optim.lr (now {cfg.optim.lr})."
+        f"Fixes: raise loss.kl_start / loss.kl_end,{logits} or lower optim.lr "
+        f"(now {cfg.optim.lr})."
     )
 
 
@@ -491,7 +514,8 @@ def _train(
         cfg.optim.lr,
         cfg.optim.min_lr,
         total_steps,
-        round(cfg.optim.warmup_epochs * steps_per_epoch),
+        # Rounded to steps, at least one step short of the run, so the lr reaches optim.lr.
+        min(round(cfg.optim.warmup_epochs * steps_per_epoch), total_steps - 1),
     )
     criterion = CARLLoss()
 
@@ -499,9 +523,16 @@ def _train(
     start_epoch, step = 0, 0
     if resume and last_path.exists():
         ckpt = load_checkpoint(last_path)
-        unwrap(model).load_state_dict(ckpt.model)
-        if ckpt.optimizer is not None:
-            load_optimizer_state(optimizer, ckpt.optimizer)
+        try:
+            unwrap(model).load_state_dict(ckpt.model)
+            if ckpt.optimizer is not None:
+                load_optimizer_state(optimizer, ckpt.optimizer)
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(
+                f"{last_path} does not fit this run's model or optimiser ({first}); "
+                "resume it with the config it was trained with, or choose another --out"
+            ) from None
         start_epoch, step = ckpt.epoch, ckpt.step
         if "torch" in ckpt.rng:
             torch.set_rng_state(ckpt.rng["torch"])
@@ -512,6 +543,12 @@ def _train(
             log.info("resumed from %s at epoch %d, step %d", last_path, start_epoch, step)
     elif resume and main:
         log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_dir)
+    if start_epoch == 0 and main:
+        # Lines of an earlier start that died before its first checkpoint would be read as
+        # this run's epochs.
+        _truncate_metrics(out_dir / "metrics.jsonl", 0)
+    # Collapsed epochs in a row, up to the checkpoint: resuming must not reset the count.
+    collapsed_epochs = _collapse_streak(out_dir / "metrics.jsonl", start_epoch, cfg, device)
 
     train_model: nn.Module = model
     if world > 1:
@@ -525,7 +562,6 @@ def _train(
     hardware = describe_hardware(device, world)
     k = cfg.model.num_prototypes
     metrics_path = out_dir / "metrics.jsonl"
-    collapsed_epochs = 0
     last: dict[str, Any] = {}
     end_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, start_epoch + stop_after)
     if start_epoch >= cfg.epochs and main:
@@ -611,9 +647,10 @@ def _train(
         ):
             record.update(_knn_monitor(model, cfg, train_l, test, device))
         if not math.isfinite(record["loss"]):
+            fp32 = " or use precision=fp32" if amp else ""
             raise FloatingPointError(
                 f"epoch {epoch + 1}: loss is {record['loss']}; lower "
-                f"optim.lr (now {cfg.optim.lr}) or use precision=fp32"
+                f"optim.lr (now {cfg.optim.lr}){fp32}"
             )
         collapsed_epochs = collapsed_epochs + 1 if eff < cfg.collapse_floor else 0
         record["collapsed_epochs"] = collapsed_epochs
