@@ -279,6 +279,7 @@ def test_cli_writes_documented_json(tiny_run, tmp_path, protocol):
     doc = json.loads(out.read_text())
     assert doc["protocol"] == protocol and doc["dataset"] == "npz"
     assert doc["model"] == str(run) and doc["model_train_dataset"] == "npz"
+    assert (doc["model_epoch"], doc["model_step"]) == (1, 3)  # the checkpoint measured
     assert doc["n_test"] == 24 and doc["n_train"] == (0 if protocol == "cluster" else 48)
     if protocol == "cluster":
         assert {"nmi", "ari", "acc", "prototypes_used"} <= set(doc)

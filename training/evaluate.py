@@ -136,7 +136,8 @@ def load_probe_model(spec: str | Path | ProbeModel) -> ProbeModel:
         return ProbeModel(model=model, input_size=int(cfg.data.image_size),
                           mean=tuple(cfg.augment.mean), std=tuple(cfg.augment.std),
                           name=str(spec), source="run", train_dataset=cfg.data.dataset,
-                          info={"epoch": ckpt.epoch, "architecture": cfg.model.to_dict()},
+                          info={"epoch": ckpt.epoch, "step": ckpt.step,
+                                "architecture": cfg.model.to_dict()},
                           train_data_root=str(cfg.data.root))
     import carlzoo
 
@@ -701,6 +702,9 @@ def run_probe(model: str | Path | ProbeModel, dataset: str, data_root: str | Pat
         "model": pm.name,
         "model_source": pm.source,
         "model_train_dataset": pm.train_dataset,
+        # The checkpoint measured (runs only): an export attaches the result to it alone.
+        "model_epoch": pm.info.get("epoch"),
+        "model_step": pm.info.get("step"),
         "probe_dataset": dataset,
         "cross_domain": _cross_domain(pm, dataset, data_root),
         **result,
