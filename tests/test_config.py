@@ -11,6 +11,7 @@ from carlzoo.training.config import (
     config_from_dict,
     config_to_dict,
     load_config,
+    preset_names,
     save_config,
 )
 
@@ -27,6 +28,19 @@ def test_defaults_are_the_paper_settings():
 def test_every_preset_loads(name):
     cfg = load_config(name)
     assert cfg.data.dataset == name
+
+
+def test_a_preset_name_is_found_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cifar10").mkdir()  # e.g. the run folder of `--out cifar10`
+    (tmp_path / "cifar10_fast").mkdir()
+    assert load_config("cifar10").data.dataset == "cifar10"
+    assert load_config("cifar10_fast").optim.batch_size == 512
+    (tmp_path / "mine").write_text("epochs: 7\n")  # a file without a suffix is still a file
+    assert load_config("mine").epochs == 7
+    with pytest.raises(ConfigError, match=r"no preset named 'cifar11'; presets: cifar10, c"):
+        load_config("cifar11")
+    assert "cifar10_fast" in preset_names() and set(PRESETS) <= set(preset_names())
 
 
 def test_preset_prototype_counts_follow_the_paper():

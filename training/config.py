@@ -47,10 +47,17 @@ __all__ = [
     "save_config",
     "preset_path",
     "PRESETS",
+    "preset_names",
 ]
 
 PRESETS = ("cifar10", "cifar100", "stl10", "tinyimagenet", "imagenet64")
+"""The datasets with a recipe of their own name; :func:`preset_names` lists every recipe."""
 _CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def preset_names() -> list[str]:
+    """Every bundled recipe a bare ``--config NAME`` finds (``cifar10``, ``cifar10_fast``, ...)."""
+    return sorted(p.stem for p in _CONFIG_DIR.glob("*.yaml"))
 
 
 class ConfigError(ValueError):
@@ -331,7 +338,7 @@ def preset_path(name: str) -> Path:
     """Path of a bundled YAML preset (``cifar10``, ``stl10``, ...)."""
     path = _CONFIG_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"no preset named {name!r}; presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"no preset named {name!r}; presets: {', '.join(preset_names())}")
     return path
 
 
@@ -345,10 +352,15 @@ def load_config(
     values: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.suffix and not p.exists():
+        # A bare name is a preset unless a file of that name exists: a run folder called
+        # cifar10 (--out cifar10) must not hide the cifar10 recipe.
+        if isinstance(path, str) and not p.suffix and p.name == path and not p.is_file():
+            p = preset_path(path)
+        elif not p.suffix and not p.exists():
             p = preset_path(str(path))
         if not p.is_file():
-            raise ConfigError(f"config file {p} not found; presets: {', '.join(PRESETS)}")
+            what = "a folder, not a YAML file" if p.is_dir() else "not found"
+            raise ConfigError(f"config file {p} {what}; presets: {', '.join(preset_names())}")
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
