@@ -7,9 +7,26 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+
+def _add_checkout_subpackages() -> None:
+    # The wheel installs training/, export/ and cli/ as carlzoo.training, carlzoo.export and
+    # carlzoo.cli. Imported from a source checkout instead (its root first on sys.path, as
+    # with `python -m carlzoo.cli` or torchrun run from the repository root), this folder
+    # shadows the installed package: let its subpackages be found beside it.
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or 'name = "carlzoo"' not in pyproject.read_text("utf-8"):
+        return
+    if all((root / sub / "__init__.py").is_file() for sub in ("training", "export", "cli")):
+        __path__.append(str(root))  # noqa: F821 (a package's __path__)
+
+
+_add_checkout_subpackages()
 
 __all__ = [
     "__version__",

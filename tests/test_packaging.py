@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -6,6 +7,27 @@ from pathlib import Path
 import carlzoo
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIRS = {"carlzoo": "carlzoo", "carlzoo/training": "training", "carlzoo/export": "export",
+                "carlzoo/cli": "cli"}
+
+
+def _source_copy(dest: Path) -> Path:
+    """The files a build reads, without the build/ folder an earlier in-tree build leaves."""
+    dest.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, dest / name)
+    for folder in PACKAGE_DIRS.values():
+        shutil.copytree(ROOT / folder, dest / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def _source_of(name: str) -> Path:
+    """The source file a wheel member comes from (package-dir mapping of pyproject.toml)."""
+    for prefix in sorted(PACKAGE_DIRS, key=len, reverse=True):
+        if name.startswith(prefix + "/"):
+            return ROOT / PACKAGE_DIRS[prefix] / name[len(prefix) + 1:]
+    raise AssertionError(f"{name} is outside the carlzoo packages")
 
 
 def test_wheel_installs_only_carlzoo_names(tmp_path):
@@ -19,17 +41,18 @@ def test_wheel_installs_only_carlzoo_names(tmp_path):
             "--no-deps",
             "--no-build-isolation",
             "--wheel-dir",
-            str(tmp_path),
-            str(ROOT),
+            str(tmp_path / "wheel"),
+            str(_source_copy(tmp_path / "src")),
         ],
         check=True,
         capture_output=True,
         timeout=300,
     )
-    (wheel,) = tmp_path.glob("carlzoo-*.whl")
+    (wheel,) = (tmp_path / "wheel").glob("carlzoo-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
-    assert tops == {"carlzoo", f"carlzoo-{carlzoo.__version__}.dist-info"}
+    dist_info = f"carlzoo-{carlzoo.__version__}.dist-info"
+    assert tops == {"carlzoo", dist_info}
     for module in (
         "carlzoo/training/loss.py",
         "carlzoo/export/__init__.py",
@@ -37,8 +60,23 @@ def test_wheel_installs_only_carlzoo_names(tmp_path):
         "carlzoo/training/configs/cifar10.yaml",
         "carlzoo/export/templates/model_card.md",
         "carlzoo/models/README.md",
+        f"{dist_info}/licenses/LICENSE",
     ):
         assert module in names
+    # Nothing but the sources: no leftovers of earlier builds, no stray files.
+    stale = [n for n in names if not n.startswith(dist_info) and not _source_of(n).is_file()]
+    assert stale == []
+
+
+def test_a_source_checkout_imports_its_own_subpackages(tmp_path):
+    # From the repository root (`python -m carlzoo.cli`, torchrun), the checkout's carlzoo/
+    # shadows any installed copy: carlzoo.training and the others must come from it too.
+    src = _source_copy(tmp_path / "src")
+    code = ("import carlzoo.training, carlzoo.export, carlzoo.cli.main as m; "
+            "print(carlzoo.training.__file__); print(carlzoo.export.__file__); print(m.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=src, check=True, capture_output=True,
+                         text=True, timeout=120).stdout.split()
+    assert [Path(p).relative_to(src).parts[0] for p in out] == ["training", "export", "cli"]
 
 
 def test_every_importable_source_folder_is_a_listed_package():
