@@ -20,6 +20,7 @@ import textwrap
 from collections import defaultdict
 from pathlib import Path
 
+import click
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -90,14 +91,19 @@ def main(argv: list[str] | None = None) -> int:
         emb_out, asg_out = tmp / "embeddings.npz", tmp / "assignments.npz"
         common = ["--model", spec, "--no-progress", "--workers", "0"]
         print(f"$ carlzoo embed {args.images} --model {spec} --out embeddings.npz", flush=True)
-        embed.main([args.images, "--out", str(emb_out), *common], standalone_mode=False)
-        print(
-            f"$ carlzoo assign {args.images} --model {spec} --out assignments.npz --top-k 3",
-            flush=True,
-        )
-        assign.main(
-            [args.images, "--out", str(asg_out), "--top-k", "3", *common], standalone_mode=False
-        )
+        try:
+            embed.main([args.images, "--out", str(emb_out), *common], standalone_mode=False)
+            print(
+                f"$ carlzoo assign {args.images} --model {spec} --out assignments.npz --top-k 3",
+                flush=True,
+            )
+            assign.main(
+                [args.images, "--out", str(asg_out), "--top-k", "3", *common],
+                standalone_mode=False,
+            )
+        except click.ClickException as e:  # a bad --model or --images: its one-line message
+            e.show()
+            return e.exit_code
 
         with np.load(emb_out) as z:
             paths, emb, skipped = z["paths"].tolist(), z["embeddings"], z["skipped"].tolist()
@@ -111,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{len(paths)} images embedded ({emb.shape[1]}-d, L2-normalised backbone features)"
         + (f", {len(skipped)} skipped: {', '.join(skipped)}" if skipped else "")
     )
+    if len(paths) < 2:
+        print("\nNeighbours and groups need at least two images; give --images a folder of more.")
+        return 0
     sim = emb @ emb.T  # cosine similarity: rows are unit vectors
     np.fill_diagonal(sim, -np.inf)
     nearest = sim.argmax(axis=1)

@@ -50,3 +50,26 @@ def test_demo_runs_and_names_its_model():
     assert "carl-cifar10-cpu-w8" in result.stdout
     assert "Nearest neighbour by cosine similarity" in result.stdout
     assert "Images grouped by top prototype" in result.stdout
+
+
+def _demo():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("carlzoo_demo", ROOT / "examples" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo
+
+
+def test_demo_reports_a_bad_model_in_one_line(capsys):
+    assert _demo().main(["--model", "carl-cifar11"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Error: ") and "carl-cifar10" in err[0]
+
+
+def test_demo_on_a_single_image_says_it_needs_two(tmp_path, capsys):
+    import shutil
+
+    shutil.copy(IMAGES[0], tmp_path / IMAGES[0].name)
+    assert _demo().main(["--images", str(tmp_path), "--model", str(EXAMPLE)]) == 0
+    assert "need at least two images" in capsys.readouterr().out
