@@ -16,7 +16,8 @@ import click
     required=True,
     type=click.Path(file_okay=False),
     help="Model folder to write (config.json, model.safetensors, model.onnx, "
-    "README.md, training_config.json, metrics.json).",
+    "README.md, training_config.json, metrics.json); not the run, a folder holding it, or the "
+    "current folder.",
 )
 @click.option("--no-onnx", is_flag=True, help="Do not write model.onnx.")
 @click.option(
@@ -44,6 +45,9 @@ def export(
     name: str | None,
 ) -> None:
     """Export a training run (or checkpoint) as a model folder for carlzoo.load and the Hub.
+
+    The results in RUN_DIR/eval*.json (`carlzoo probe --out`) measured on the exported
+    checkpoint are published with it; others are left out with a warning.
 
     \b
     carlzoo export runs/c10 --out models/carl-cifar10
@@ -78,6 +82,8 @@ def export(
         click.echo(f"float16 weights: max abs diff {res.roundtrip_max_abs_diff:.2e} vs float32")
     measured = ", ".join(f"{k} {v:g}" for k, v in res.metrics.items()) or "none"
     click.echo(f"measured metrics: {measured}")
+    for line in res.warnings:  # results of other checkpoints left out, stale folders removed
+        click.echo(f"warning: {line}", err=True)
     _echo_bundled_pins(Path(res.out_dir), res.files)
 
 

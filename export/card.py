@@ -74,14 +74,25 @@ class Result:
     split: str = "test"
     source: str = ""  # how it was measured, in words
     command: str | None = None  # the command that produced it
+    # the settings that change the number and differ from `carlzoo probe`'s defaults
+    # ({"layer": "projection"}, {"k": 5}); empty for the defaults
+    settings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def measured(self) -> bool:
         return self.value is not None and math.isfinite(self.value)
 
     @property
+    def variant(self) -> str:
+        """``" (layer=projection, k=5)"`` for non-default settings, else ``""``."""
+        if not self.settings:
+            return ""
+        return " (" + ", ".join(f"{k}={_fmt(v)}" for k, v in self.settings.items()) + ")"
+
+    @property
     def label(self) -> str:
-        return f"{_PROTOCOLS.get(self.protocol, self.protocol)} {_METRICS[self.metric][1]}"
+        name = f"{_PROTOCOLS.get(self.protocol, self.protocol)} {_METRICS[self.metric][1]}"
+        return name + self.variant
 
     def display(self) -> str:
         if not self.measured:
@@ -113,6 +124,7 @@ class CardContext:
     onnx_opset: int | None = None
     carlzoo_version: str = ""
     license: str = "apache-2.0"
+    probe_model: str = "RUN_DIR"  # how `carlzoo probe --model` names the exported checkpoint
 
     @property
     def dataset_title(self) -> str:
@@ -139,21 +151,24 @@ def _hub_dataset(name: str) -> str:
 
 def model_index(ctx: CardContext) -> list[dict[str, Any]]:
     """The ``model-index`` entry: measured results only (empty list when there are none)."""
-    groups: dict[tuple[str, str, str], list[Result]] = {}
+    groups: dict[tuple[str, str, str, str], list[Result]] = {}
     for r in ctx.results:
         if r.measured:
-            groups.setdefault((r.protocol, r.dataset, r.split), []).append(r)
+            groups.setdefault((r.protocol, r.variant, r.dataset, r.split), []).append(r)
     if not groups:
         return []
     results = []
-    for (protocol, dataset, split), rows in groups.items():
+    for (protocol, variant, dataset, split), rows in groups.items():
         results.append(
             {
                 "task": {
                     "type": "image-classification",
-                    "name": f"{_PROTOCOLS.get(protocol, protocol)} on frozen CARL features"
-                    if protocol in ("knn", "linear")
-                    else _PROTOCOLS.get(protocol, protocol),
+                    "name": (
+                        f"{_PROTOCOLS.get(protocol, protocol)} on frozen CARL features"
+                        if protocol in ("knn", "linear")
+                        else _PROTOCOLS.get(protocol, protocol)
+                    )
+                    + variant,
                 },
                 "dataset": {
                     "name": dataset_title(dataset),
@@ -343,9 +358,10 @@ def _results_section(ctx: CardContext) -> str:
     missing = [r for r in ctx.results if not r.measured]
     if missing:
         text += (
-            "\n\nTo measure a missing result, run `carlzoo probe --model RUN_DIR --dataset "
-            f"{ctx.dataset} --data-root DATA --protocol PROTOCOL --out RUN_DIR/eval.json` "
-            "and export again."
+            f"\n\nTo measure a missing result, run `carlzoo probe --model {ctx.probe_model} "
+            f"--dataset {ctx.dataset} --data-root DATA --protocol PROTOCOL --out "
+            f"RUN_DIR/eval-PROTOCOL-{ctx.dataset}.json` and export again: the export reads "
+            "every `RUN_DIR/eval*.json` and keeps the results measured on this checkpoint."
         )
     return text
 

@@ -12,10 +12,14 @@ and writes a folder that :func:`carlzoo.pretrained.from_pretrained` loads::
 
 Everything is written into a temporary folder next to ``out_dir`` and renamed into place at
 the end, so a failed export (bad checkpoint, ONNX parity failure, ...) leaves nothing
-behind, and an existing ``out_dir`` is replaced only with ``overwrite=True``.
+behind, and an existing ``out_dir`` is replaced only with ``overwrite=True``. The temporary
+folders of exports to the same name that were killed (their process no longer runs on this
+host) are removed when the next export starts. ``out_dir`` may not be the source run, the
+checkpoint's folder, a folder holding either, or the current folder or one of its parents.
 
 Checks before the rename: the folder is loaded back with ``from_pretrained`` and must give
-the checkpoint's outputs (float32: within 1e-6; float16: the rounding error is recorded),
+the checkpoint's outputs (float32: within 1e-6; float16: finite, the rounding error is
+recorded),
 and the ONNX graph must match PyTorch within ``parity_tol`` (default 1e-4 for float32 and
 1e-2 for float16 weights, see ``carlzoo.export.onnx.PARITY_TOL``; scaled by the
 output magnitude when it exceeds 1; see :func:`check_parity`) on random inputs and on real
@@ -23,17 +27,25 @@ images: a few test images of the run's dataset when it can be loaded, else image
 ``examples/images`` when present.
 
 The published training configuration keeps only the last component of ``data.root`` (a
-local path). Only measured numbers enter ``config.json``, ``metrics.json`` and the card:
-the last kNN monitor result in ``metrics.jsonl`` and the results in ``RUN_DIR/eval.json``
-(written by ``carlzoo probe --out``, one result or a list of them).
+local path). Only numbers measured on the exported checkpoint enter ``config.json``,
+``metrics.json`` and the card: the kNN monitor result of the checkpoint's own epoch (its
+record in the checkpoint, else in ``metrics.jsonl``) and the results in every
+``RUN_DIR/eval*.json`` (written by ``carlzoo probe --out``, one result or a list of them)
+whose ``model_epoch`` and ``model_step`` are the checkpoint's; the others are left out with
+a warning (:attr:`ExportResult.warnings`). Results with settings other than ``carlzoo
+probe``'s defaults get their own metric key (``knn_k5_top1``, ``linear_projection_top1``);
+two results with the same key and different values are refused.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -62,6 +74,8 @@ __all__ = [
     "export_model",
     "read_run_records",
     "read_evaluations",
+    "read_evaluation_files",
+    "select_evaluations",
     "detect_recipe",
     "real_parity_images",
     "check_parity",
@@ -86,6 +100,35 @@ _FILES = {
 }
 
 
+# `carlzoo probe`'s defaults (training/evaluate.py run_probe and DEFAULT_EPOCHS): a result
+# measured with other settings gets them in its metric key, its name and its command.
+_PROBE_DEFAULTS: dict[str, Any] = {
+    "layer": "backbone",
+    "k": 200,
+    "t": 0.1,
+    "seed": 0,
+    "batch_size": 256,
+}
+_DEFAULT_EPOCHS: dict[str, int] = {"semi1": 60, "semi10": 30, "finetune": 30}
+_DISTINGUISHING: dict[str, tuple[str, ...]] = {  # the settings that change a protocol's number
+    "knn": ("layer", "k", "t"),
+    "linear": ("layer",),
+    "semi1": ("layer", "epochs", "seed", "batch_size"),
+    "semi10": ("layer", "epochs", "seed", "batch_size"),
+    "finetune": ("layer", "epochs", "seed", "batch_size"),
+    "cluster": (),
+}
+_FLAGS = {
+    "layer": "--layer",
+    "k": "--k",
+    "t": "--t",
+    "epochs": "--epochs",
+    "seed": "--seed",
+    "batch_size": "--batch-size",
+}
+_OUTPUT_NAMES = ("features", "projection", "logits")
+
+
 class ExportError(ValueError):
     """An export that cannot be done; the message is one line and names the input."""
 
@@ -97,6 +140,7 @@ class ExportResult:
     metrics: dict[str, float]  # measured values (config.json "metrics")
     parity: dict[str, Any] | None  # {"random": {...}, "real": {...} | None}
     roundtrip_max_abs_diff: float  # reloaded folder vs the checkpoint's model
+    warnings: tuple[str, ...] = ()  # one line each: results left out, stale folders removed
 
 
 @dataclass(frozen=True)
@@ -106,7 +150,7 @@ class RunRecords:
     records: list[dict[str, Any]] = field(default_factory=list)  # one per epoch, in order
     train_time_s: float | None = None
     hardware: str | None = None
-    knn: dict[str, Any] | None = None  # the last record with knn_top1
+    knn: dict[str, Any] | None = None  # the checkpoint epoch's record, when it has knn_top1
 
 
 def _one_line(e: BaseException | str) -> str:
@@ -130,14 +174,23 @@ def read_run_records(
     of each epoch wins, so a resumed run counts each epoch once). Unreadable lines (a run
     killed mid-write) are skipped. ``fallback`` (the checkpoint's own record) is used when
     the file is missing.
+
+    ``knn`` is the record of epoch ``last_epoch`` itself (the checkpoint's own record when
+    ``fallback`` is that epoch's, else the file's) when it holds a kNN result, else None: a
+    kNN result of another epoch was measured on other weights. ``train_time_s`` is the sum
+    of the epoch times only when every epoch 1..``last_epoch`` has one, else None.
     """
     from carlzoo.training.run import read_metrics
 
     path = Path(run_dir) / "metrics.jsonl"
     records = read_metrics(path, last_epoch)
+    own = fallback if fallback and fallback.get("epoch") == last_epoch else None
     if not path.is_file() and fallback and isinstance(fallback.get("epoch"), int):
         records = [fallback]
-    times = [r["epoch_time_s"] for r in records if isinstance(r.get("epoch_time_s"), (int, float))]
+    timed = {
+        r["epoch"]: float(r["epoch_time_s"]) for r in records if _finite(r.get("epoch_time_s"))
+    }
+    complete = last_epoch >= 1 and set(timed) >= set(range(1, last_epoch + 1))
     hardware = None
     for rec in reversed(records):
         for key in _HARDWARE_KEYS:
@@ -146,38 +199,136 @@ def read_run_records(
                 break
         if hardware:
             break
-    knn = next((r for r in reversed(records) if _finite(r.get("knn_top1"))), None)
-    return RunRecords(records, float(sum(times)) if times else None, hardware, knn)
+    if own is None:
+        own = next((r for r in records if r.get("epoch") == last_epoch), None)
+    knn = own if own is not None and _finite(own.get("knn_top1")) else None
+    train_time = float(sum(timed[e] for e in range(1, last_epoch + 1))) if complete else None
+    return RunRecords(records, train_time, hardware, knn)
 
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def read_evaluation_files(run_dir: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """(file, result) for the results in every ``run_dir/eval*.json`` (each one object or a
+    list; ``eval.json`` first, then by name); [] when there is none."""
+    paths = sorted(
+        (p for p in Path(run_dir).glob("eval*.json") if p.is_file()),
+        key=lambda p: (p.name != "eval.json", p.name),
+    )
+    out: list[tuple[Path, dict[str, Any]]] = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ExportError(
+                f"{path} is not valid JSON ({_one_line(e)}); fix or remove it "
+                "(it is written by `carlzoo probe --out`)"
+            ) from None
+        items = data if isinstance(data, list) else [data]
+        if not all(
+            isinstance(d, dict)
+            and isinstance(d.get("protocol"), str)
+            and isinstance(d.get("dataset"), str)
+            for d in items
+        ):
+            raise ExportError(
+                f"{path}: expected a `carlzoo probe --out` result (an object with "
+                "protocol, dataset, top1, ...) or a list of them"
+            )
+        out += [(path, d) for d in items]
+    return out
+
+
 def read_evaluations(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The results in ``run_dir/eval.json`` (one object or a list); [] when there is none."""
-    path = Path(run_dir) / "eval.json"
-    if not path.is_file():
-        return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ExportError(
-            f"{path} is not valid JSON ({_one_line(e)}); fix or remove it "
-            "(it is written by `carlzoo probe --out`)"
-        ) from None
-    items = data if isinstance(data, list) else [data]
-    if not all(
-        isinstance(d, dict)
-        and isinstance(d.get("protocol"), str)
-        and isinstance(d.get("dataset"), str)
-        for d in items
-    ):
-        raise ExportError(
-            f"{path}: expected a `carlzoo probe --out` result (an object with "
-            "protocol, dataset, top1, ...) or a list of them"
-        )
-    return items
+    """The results in every ``run_dir/eval*.json`` (see :func:`read_evaluation_files`)."""
+    return [ev for _, ev in read_evaluation_files(run_dir)]
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def select_evaluations(
+    items: Sequence[tuple[Path, dict[str, Any]]], epoch: int, step: int, model: str = "RUN_DIR"
+) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
+    """(the results measured on the checkpoint of ``epoch`` and ``step``, one warning line
+    for each other result): a result names the checkpoint it measured in ``model_epoch`` and
+    ``model_step``; one without them was measured on an unknown checkpoint."""
+    kept: list[tuple[Path, dict[str, Any]]] = []
+    warnings: list[str] = []
+    for path, ev in items:
+        e, s = ev.get("model_epoch"), ev.get("model_step")
+        what = f"{path}: left out its {ev['protocol']} result on {ev['dataset']}"
+        again = f"measure it again with `{_probe_command(model, ev, _settings_of(ev))}`"
+        if not (_int(e) and _int(s)):
+            warnings.append(
+                f"{what}: it records no model_epoch/model_step, so it was measured on an "
+                f"unknown checkpoint; {again}"
+            )
+        elif (e, s) != (epoch, step):
+            warnings.append(
+                f"{what}: it was measured on the checkpoint of epoch {e} (step {s}), not on "
+                f"the exported one (epoch {epoch}, step {step}); {again}"
+            )
+        else:
+            kept.append((path, ev))
+    return kept, warnings
+
+
+def _settings_of(ev: dict[str, Any]) -> dict[str, Any]:
+    """The settings of ``ev`` that change its number and differ from `carlzoo probe`'s
+    defaults, in a fixed order (empty for default settings)."""
+    protocol = ev["protocol"]
+    settings = ev.get("settings") if isinstance(ev.get("settings"), dict) else {}
+    out: dict[str, Any] = {}
+    for key in _DISTINGUISHING.get(protocol, ("layer",)):
+        if key not in settings:
+            continue
+        default = _DEFAULT_EPOCHS.get(protocol) if key == "epochs" else _PROBE_DEFAULTS[key]
+        if settings[key] != default:
+            out[key] = settings[key]
+    return out
+
+
+def _setting_parts(settings: dict[str, Any]) -> list[str]:
+    """``{"layer": "projection", "k": 5}`` -> ``["projection", "k5"]`` (metric keys, files)."""
+    parts = []
+    for key, v in settings.items():
+        text = f"{v:g}" if isinstance(v, float) else str(v)
+        prefix = {"layer": "", "batch_size": "bs", "epochs": "ep"}.get(key, key)
+        parts.append(re.sub(r"[^A-Za-z0-9.+-]", "_", prefix + text))
+    return parts
+
+
+def _eval_file(protocol: str, dataset: str, settings: dict[str, Any]) -> str:
+    """The file `carlzoo probe --out` should write a result to: ``eval-knn-cifar10.json``."""
+    return "-".join(["eval", protocol, dataset, *_setting_parts(settings)]) + ".json"
+
+
+def _probe_command(model: str, ev: dict[str, Any], settings: dict[str, Any]) -> str:
+    """The `carlzoo probe` command that measures ``ev`` again, with its non-default settings."""
+    protocol, ds = ev["protocol"], ev["dataset"]
+    flags = "".join(
+        f" {_FLAGS[k]} {f'{v:g}' if isinstance(v, float) else v}" for k, v in settings.items()
+    )
+    all_settings = ev.get("settings") if isinstance(ev.get("settings"), dict) else {}
+    if all_settings.get("resize") is True:
+        flags += " --resize"
+    return (
+        f"carlzoo probe --model {model} --dataset {ds} --data-root DATA --protocol {protocol}"
+        f"{flags} --out RUN_DIR/{_eval_file(protocol, ds, settings)}"
+    )
+
+
+def _probe_model(run_dir: Path, ckpt_path: Path) -> str:
+    """How the card's `carlzoo probe --model` names the exported checkpoint."""
+    if ckpt_path.parent.name == "checkpoints" and ckpt_path.parent.parent == run_dir:
+        if ckpt_path.name == "last.safetensors":
+            return "RUN_DIR"
+        return f"RUN_DIR/checkpoints/{ckpt_path.name}"
+    return f"RUN_DIR/{ckpt_path.name}"
 
 
 def _portable_evaluation(ev: dict[str, Any]) -> dict[str, Any]:
@@ -238,27 +389,49 @@ def _cli_value(v: Any) -> str:
 
 
 def _results(
-    cfg: Any, records: RunRecords, evaluations: list[dict[str, Any]], command: str
+    cfg: Any,
+    records: RunRecords,
+    evaluations: Sequence[tuple[Path, dict[str, Any]]],
+    command: str,
+    model: str = "RUN_DIR",
 ) -> list[Result]:
-    """Measured results (probe results first) and "not measured" rows for the basic ones."""
+    """Measured results (probe results first) and "not measured" rows for the basic ones.
+
+    ``evaluations``: (file, result) measured on the exported checkpoint. Two results with
+    the same metric key (protocol, dataset and distinguishing settings) and different
+    values are an ExportError; the same value twice is listed once.
+    """
     dataset = cfg.data.dataset
     out: list[Result] = []
-    for ev in evaluations:
+    seen: dict[str, tuple[Path, float]] = {}
+    for path, ev in evaluations:
         protocol, ds = ev["protocol"], ev["dataset"]
         settings = ev.get("settings") if isinstance(ev.get("settings"), dict) else {}
-        detail = ", ".join(f"{k}={settings[k]}" for k in ("k", "t", "layer") if k in settings)
+        distinct = _settings_of(ev)
+        shown = dict.fromkeys([*(k for k in ("k", "t", "layer") if k in settings), *distinct])
+        detail = ", ".join(f"{k}={settings.get(k, distinct.get(k))}" for k in shown)
         source = f"`carlzoo probe --protocol {protocol}`" + (f" ({detail})" if detail else "")
-        cmd = (
-            f"carlzoo probe --model RUN_DIR --dataset {ds} --data-root DATA "
-            f"--protocol {protocol} --out RUN_DIR/eval.json"
-        )
+        cmd = _probe_command(model, ev, distinct)
         if isinstance(ev.get("command"), str):  # measured by a script, not `carlzoo probe`
             words = ev["command"].split()
             script = next((w for w in words if w.endswith(".py")), words[0] if words else "")
             source, cmd = f"`{script}` ({protocol})", ev["command"]
         for metric in _EVAL_METRICS:
-            if _finite(ev.get(metric)):
-                out.append(Result(protocol, metric, ds, float(ev[metric]), "test", source, cmd))
+            if not _finite(ev.get(metric)):
+                continue
+            r = Result(protocol, metric, ds, float(ev[metric]), "test", source, cmd, distinct)
+            key = _metric_key(r, dataset)
+            if key in seen:
+                first, value = seen[key]
+                if value == r.value:
+                    continue
+                raise ExportError(
+                    f"{first} and {path} hold two different {r.label} results on {ds} for "
+                    f"this checkpoint ({value:g} and {r.value:g}, metric {key}); remove the "
+                    "one that should not be published"
+                )
+            seen[key] = (path, float(ev[metric]))
+            out.append(r)
     probed_knn = any(r.protocol == "knn" and r.dataset == dataset for r in out)
     if records.knn is not None and not probed_knn:
         rec = records.knn
@@ -282,7 +455,9 @@ def _results(
 
 
 def _metric_key(r: Result, dataset: str) -> str:
-    key = f"{r.protocol}_{r.metric}"
+    """``knn_top1``; ``knn_k5_top1`` or ``linear_projection_top1`` for other settings than
+    `carlzoo probe`'s defaults; ``cifar100_linear_top1`` on another dataset than the run's."""
+    key = "_".join([r.protocol, *_setting_parts(r.settings), r.metric])
     return key if r.dataset == dataset else f"{r.dataset}_{key}"
 
 
@@ -395,27 +570,38 @@ def export_model(
             used_opset = check_opset(opset)
         except ValueError as e:
             raise ExportError(f"--{e}") from None  # "--opset 0 cannot be exported: ..."
-    source, out_dir = Path(source).expanduser(), Path(out_dir).expanduser()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"--out {out_dir} exists and is not a folder; choose another path")
-    if out_dir.exists() and not overwrite:
-        raise ExportError(
-            f"--out {out_dir} already exists; pass --overwrite to replace it or "
-            "choose another folder"
-        )
-    if not out_dir.parent.is_dir():
-        raise ExportError(f"--out {out_dir}: the parent folder {out_dir.parent} does not exist")
+    source, given_out = Path(source).expanduser(), Path(out_dir).expanduser()
+    out_dir = given_out.resolve()  # "." / ".." / symlinks: the folder that would be replaced
+    _check_not_current_folder(given_out, out_dir)
     try:
         ckpt_path = find_checkpoint(source)
-        model, cfg, ckpt = load_run(source)
     except CheckpointError as e:
         raise ExportError(_one_line(e)) from None
     run_dir = _run_dir(source, ckpt_path)
+    _check_out_outside_run(given_out, out_dir, run_dir, ckpt_path)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"--out {given_out} exists and is not a folder; choose another path")
+    if out_dir.exists() and not overwrite:
+        raise ExportError(
+            f"--out {given_out} already exists; pass --overwrite to replace it or "
+            "choose another folder"
+        )
+    if not out_dir.parent.is_dir():
+        raise ExportError(f"--out {given_out}: the parent folder {out_dir.parent} does not exist")
+    try:
+        model, cfg, ckpt = load_run(source)
+    except CheckpointError as e:
+        raise ExportError(_one_line(e)) from None
     records = read_run_records(run_dir, ckpt.epoch, ckpt.metrics)
-    evaluations = [_portable_evaluation(ev) for ev in read_evaluations(run_dir)]
+    probe_model = _probe_model(run_dir, ckpt_path)
+    kept, warnings = select_evaluations(
+        read_evaluation_files(run_dir), int(ckpt.epoch), int(ckpt.step), probe_model
+    )
+    kept = [(path, _portable_evaluation(ev)) for path, ev in kept]
+    evaluations = [ev for _, ev in kept]
     recipe, changes = detect_recipe(cfg)
     command = _train_command(recipe, changes)
-    results = _results(cfg, records, evaluations, command)
+    results = _results(cfg, records, kept, command, probe_model)
     dataset = cfg.data.dataset
     metrics = {
         _metric_key(r, dataset): round(float(r.value), 6)
@@ -462,7 +648,10 @@ def export_model(
         metrics=metrics,
     )
 
-    staging = out_dir.parent / f".{out_dir.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    warnings += _remove_stale_staging(out_dir)
+    staging = out_dir.parent / (
+        f".{out_dir.name}.export-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
     folder = staging / out_dir.name
     random_x = parity_inputs(size)
     try:
@@ -473,6 +662,7 @@ def export_model(
         except ZooError as e:
             raise ExportError(f"the exported folder does not load back: {_one_line(e)}") from None
         ref, got = _outputs(model, random_x), _outputs(reloaded, random_x)
+        _check_finite(ref, got, reloaded, ckpt_path, dtype)
         roundtrip = max(float((a - b).abs().max()) for a, b in zip(ref, got, strict=True))
         if dtype == "float32" and roundtrip > 1e-6:
             raise ExportError(
@@ -555,13 +745,115 @@ def export_model(
             parity=parity,
             onnx_opset=provenance["onnx_opset"],
             carlzoo_version=__version__,
+            probe_model=probe_model,
         )
         (folder / "README.md").write_text(render_model_card(ctx), encoding="utf-8")
         hashes = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
         _replace_dir(folder, out_dir, overwrite)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return ExportResult(out_dir, hashes, metrics, parity, roundtrip)
+    return ExportResult(given_out, hashes, metrics, parity, roundtrip, tuple(warnings))
+
+
+def _check_not_current_folder(given: Path, out_dir: Path) -> None:
+    """Refuse an ``out_dir`` (resolved) that is the current folder or one of its parents."""
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current folder was removed: nothing to protect
+        return
+    if out_dir == cwd or out_dir in cwd.parents:
+        what = "the current folder" if out_dir == cwd else "a parent of the current folder"
+        raise ExportError(
+            f"--out {given} is {what} ({out_dir}); the export replaces --out, so choose a new "
+            "folder for the model, e.g. --out models/NAME"
+        )
+
+
+def _check_out_outside_run(given: Path, out_dir: Path, run_dir: Path, ckpt_path: Path) -> None:
+    """Refuse an ``out_dir`` (resolved) that is, or holds, the run or the checkpoint's folder:
+    replacing it would delete what is being exported."""
+    protected = {
+        run_dir.resolve(): "the source run folder",
+        ckpt_path.resolve().parent: "the checkpoint's folder",
+    }
+    for folder, what in protected.items():
+        if out_dir == folder or out_dir in folder.parents:
+            how = "is" if out_dir == folder else "contains"
+            raise ExportError(
+                f"--out {given} {how} {what} {folder}; the export replaces --out, so choose a "
+                "folder outside the run, e.g. --out models/NAME"
+            )
+
+
+def _check_finite(
+    ref: tuple[Tensor, ...], got: tuple[Tensor, ...], reloaded: Any, ckpt_path: Path, dtype: str
+) -> None:
+    """ExportError when the checkpoint or the exported (e.g. float16) weights give NaN/inf."""
+    bad = [n for n, t in zip(_OUTPUT_NAMES, ref, strict=False) if not bool(t.isfinite().all())]
+    if bad:
+        raise ExportError(
+            f"{ckpt_path} gives non-finite {'/'.join(bad)} on random inputs (a diverged "
+            "run?); export a checkpoint from before it diverged"
+        )
+    bad = [n for n, t in zip(_OUTPUT_NAMES, got, strict=False) if not bool(t.isfinite().all())]
+    if not bad:
+        return
+    params = [
+        name
+        for name, t in reloaded.state_dict().items()
+        if t.is_floating_point() and not bool(t.isfinite().all())
+    ]
+    where = ""
+    if params:
+        more = f" and {len(params) - 1} more" if len(params) > 1 else ""
+        where = f" ({params[0]}{more} beyond the {dtype} range)"
+    raise ExportError(
+        f"--dtype {dtype}: the exported weights give non-finite {'/'.join(bad)} on random "
+        f"inputs{where}; nothing was written: export with --dtype float32"
+    )
+
+
+def _host() -> str:
+    """This host's name as it may appear in a file name."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # another user's process (or an impossible pid: not ours to judge)
+    return True
+
+
+def _remove_stale_staging(out_dir: Path) -> list[str]:
+    """Remove the staging folders of killed exports to ``out_dir`` (same name, this host,
+    process not running); one line for each removed folder."""
+    pattern = re.compile(
+        rf"\.{re.escape(out_dir.name)}\.export-(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{{8}}"
+    )
+    removed: list[str] = []
+    try:
+        candidates = list(out_dir.parent.glob(f".{glob.escape(out_dir.name)}.export-*"))
+    except OSError:
+        return removed
+    for path in candidates:
+        m = pattern.fullmatch(path.name)
+        if m is None or not path.is_dir() or path.is_symlink():
+            continue
+        if m["host"] is not None and m["host"] != _host():
+            continue  # another host's export on a shared folder: its process is not ours
+        pid = int(m["pid"])
+        if _pid_running(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(
+                f"removed {path}: the temporary folder of an export (pid {pid}) that was killed"
+            )
+    return removed
 
 
 def _replace_dir(new: Path, target: Path, overwrite: bool) -> None:

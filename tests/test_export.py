@@ -98,6 +98,12 @@ def _no_leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if ".export-" in p.name or p.name.endswith(".old")]
 
 
+def _measured_on(run: Path) -> dict[str, int]:
+    """The fields a `carlzoo probe --out` result names the run's last checkpoint with."""
+    _, _, ckpt = load_run(run)
+    return {"model_epoch": ckpt.epoch, "model_step": ckpt.step}
+
+
 def test_export_writes_the_runtime_folder(run_dir: Path, exported) -> None:
     out = exported.out_dir
     assert {p.name for p in out.iterdir()} == MODEL_FILES
@@ -182,6 +188,7 @@ def test_eval_json_metrics_reach_config_and_model_index(run_dir: Path, tmp_path:
         "top1": 12.5,
         "top5": 50.0,
         "settings": {"layer": "backbone"},
+        **_measured_on(run),
     }
     (run / "eval.json").write_text(json.dumps(probe))
     res = export_model(run, tmp_path / "m", onnx=False, name="carl-probed")
@@ -226,7 +233,9 @@ def test_card_credits_the_script_that_measured_a_result(run_dir: Path, tmp_path:
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     command = "python benchmarks/gpu_cifar10.py --data c10.npz --out OUT"
-    evals = [{"protocol": "knn", "dataset": "npz", "top1": 33.0, "command": command}]
+    evals = [
+        {"protocol": "knn", "dataset": "npz", "top1": 33.0, "command": command, **_measured_on(run)}
+    ]
     (run / "eval.json").write_text(json.dumps(evals))
     export_model(run, tmp_path / "m", onnx=False)
     card = (tmp_path / "m" / "README.md").read_text()
@@ -264,6 +273,186 @@ def test_run_records_count_each_epoch_once(tmp_path: Path) -> None:
     assert read_run_records(tmp_path, last_epoch=9).hardware == "1x GPU"
     fallback = read_run_records(tmp_path / "none", 1, {"epoch": 1, "epoch_time_s": 5.0})
     assert fallback.train_time_s == 5.0 and fallback.knn is None
+
+
+def test_knn_of_another_epoch_is_not_published_for_a_checkpoint(tmp_path: Path) -> None:
+    # knn_every=2: epoch 3's checkpoint has no kNN result of its own; epoch 2's was measured
+    # on other weights and is not this checkpoint's
+    lines = [
+        {"epoch": 1, "epoch_time_s": 1.0},
+        {"epoch": 2, "epoch_time_s": 2.0, "knn_top1": 20.0, "knn_top5": 50.0},
+        {"epoch": 3, "epoch_time_s": 3.0},
+        {"epoch": 4, "epoch_time_s": 4.0, "knn_top1": 40.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert read_run_records(tmp_path, last_epoch=3).knn is None
+    assert read_run_records(tmp_path, last_epoch=3, fallback=lines[2]).knn is None
+    assert read_run_records(tmp_path, last_epoch=2).knn["knn_top1"] == 20.0
+    # the checkpoint's own record of its epoch is its result
+    own = {"epoch": 3, "epoch_time_s": 3.0, "knn_top1": 33.0}
+    assert read_run_records(tmp_path, last_epoch=3, fallback=own).knn["knn_top1"] == 33.0
+    stale = {"epoch": 2, "knn_top1": 20.0}  # a record of another epoch is not the checkpoint's
+    assert read_run_records(tmp_path / "none", 3, stale).knn is None
+
+
+def test_training_time_is_not_recorded_without_every_epoch(tmp_path: Path) -> None:
+    # a lone checkpoint of epoch 3: its record holds one epoch's time, not the run's
+    lone = read_run_records(tmp_path / "none", 3, {"epoch": 3, "epoch_time_s": 5.0})
+    assert lone.train_time_s is None and len(lone.records) == 1
+    lines = [{"epoch": 2, "epoch_time_s": 2.0}, {"epoch": 3, "epoch_time_s": 3.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert read_run_records(tmp_path, 3).train_time_s is None  # epoch 1 is missing
+    lines.insert(0, {"epoch": 1, "epoch_time_s": 1.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert read_run_records(tmp_path, 3).train_time_s == 6.0
+
+
+def test_lone_checkpoint_of_a_later_epoch_records_no_training_time(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from carlzoo.training.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+    later = dataclasses.replace(
+        ckpt, epoch=3, step=12, metrics={**ckpt.metrics, "epoch": 3, "step": 12}
+    )
+    (tmp_path / "lone").mkdir()
+    save_checkpoint(tmp_path / "lone" / "epoch_0003.safetensors", later)
+    res = export_model(tmp_path / "lone" / "epoch_0003.safetensors", tmp_path / "m", onnx=False)
+    prov = json.loads((res.out_dir / "config.json").read_text())["provenance"]
+    assert prov["epochs"] == 3 and prov["train_time_s"] is None
+    assert "- **Training time:** not recorded." in (res.out_dir / "README.md").read_text()
+
+
+def test_probe_defaults_are_those_of_carlzoo_probe() -> None:
+    import inspect
+
+    from carlzoo.export import repo
+    from carlzoo.training.evaluate import DEFAULT_EPOCHS, run_probe
+
+    params = inspect.signature(run_probe).parameters
+    assert repo._PROBE_DEFAULTS == {k: params[k].default for k in repo._PROBE_DEFAULTS}
+    assert repo._DEFAULT_EPOCHS == DEFAULT_EPOCHS
+
+
+def test_only_results_of_the_exported_checkpoint_are_published(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    here = _measured_on(run)
+    ours = {"protocol": "linear", "dataset": "npz", "top1": 12.5, **here}
+    later = {"protocol": "knn", "dataset": "npz", "top1": 70.0, "model_epoch": 9, "model_step": 36}
+    unknown = {"protocol": "cluster", "dataset": "npz", "acc": 30.0, "nmi": 0.2}
+    (run / "eval.json").write_text(json.dumps([ours, later]))
+    (run / "eval-cluster-npz.json").write_text(json.dumps(unknown))
+    res = export_model(run, tmp_path / "m", onnx=False)
+    assert res.metrics == {"linear_top1": 12.5}
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["metrics"] == {"linear_top1": 12.5}
+    published = json.loads((tmp_path / "m" / "metrics.json").read_text())["evaluations"]
+    assert [e["protocol"] for e in published] == ["linear"]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "70.00%" not in card and "0.2000" not in card
+    assert len(res.warnings) == 2 and all("\n" not in w for w in res.warnings)
+    w_later, w_unknown = res.warnings
+    assert w_later.startswith(f"{run / 'eval.json'}: left out its knn result on npz")
+    assert "epoch 9 (step 36)" in w_later
+    assert f"(epoch {here['model_epoch']}, step {here['model_step']})" in w_later
+    assert w_unknown.startswith(f"{run / 'eval-cluster-npz.json'}: left out its cluster")
+    assert "no model_epoch/model_step" in w_unknown and "unknown checkpoint" in w_unknown
+    # the command prints them
+    result = CliRunner().invoke(export, [str(run), "--out", str(tmp_path / "m2"), "--no-onnx"])
+    assert result.exit_code == 0, result.output
+    warned = [ln for ln in result.output.splitlines() if ln.startswith("warning: ")]
+    assert len(warned) == 2 and "epoch 9 (step 36)" in warned[0]
+
+
+def test_results_with_other_settings_get_their_own_metric(run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    here = _measured_on(run)
+    evals = [
+        {"protocol": "linear", "dataset": "npz", "top1": 80.0, "settings": {"layer": "backbone"}},
+        {"protocol": "linear", "dataset": "npz", "top1": 60.0, "settings": {"layer": "projection"}},
+        {"protocol": "knn", "dataset": "npz", "top1": 50.0, "settings": {"k": 5, "t": 0.1}},
+    ]
+    (run / "eval.json").write_text(json.dumps([dict(e, **here) for e in evals]))
+    res = export_model(run, tmp_path / "m", onnx=False, name="carl-variants")
+    expected = {"linear_top1": 80.0, "linear_projection_top1": 60.0, "knn_k5_top1": 50.0}
+    assert res.metrics == expected  # the default settings keep their key
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["metrics"] == expected
+    meta = parse_front_matter((tmp_path / "m" / "README.md").read_text())
+    names = [
+        (r["task"]["name"], m["name"], m["value"])
+        for r in meta["model-index"][0]["results"]
+        for m in r["metrics"]
+    ]
+    assert names == [
+        ("Linear probe on frozen CARL features", "Linear probe top-1 accuracy", 80.0),
+        (
+            "Linear probe on frozen CARL features (layer=projection)",
+            "Linear probe top-1 accuracy (layer=projection)",
+            60.0,
+        ),
+        ("kNN on frozen CARL features (k=5)", "kNN top-1 accuracy (k=5)", 50.0),
+    ]
+    # the same result in two files is listed once; two values for one metric are refused
+    (run / "eval-linear-npz.json").write_text(json.dumps(dict(evals[0], **here)))
+    res = export_model(run, tmp_path / "m2", onnx=False)
+    assert res.metrics == expected
+    (run / "eval-linear-npz.json").write_text(json.dumps(dict(evals[0], top1=81.0, **here)))
+    msg = _error(_cli(export, [str(run), "--out", str(tmp_path / "m3"), "--no-onnx"]))
+    assert str(run / "eval.json") in msg and str(run / "eval-linear-npz.json") in msg
+    assert "Linear probe top-1 accuracy" in msg and "linear_top1" in msg and "81" in msg
+    assert not (tmp_path / "m3").exists() and _no_leftovers(tmp_path) == []
+
+
+def test_card_commands_reproduce_the_settings_and_keep_other_results(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    knn = {
+        "protocol": "knn",
+        "dataset": "npz",
+        "top1": 50.0,
+        "settings": {"layer": "backbone", "k": 5, "k_used": 5, "t": 0.1, "seed": 0},
+        **_measured_on(run),
+    }
+    semi = {
+        "protocol": "semi10",
+        "dataset": "npz",
+        "top1": 20.0,
+        "settings": {"layer": "projection", "epochs": 3, "seed": 1, "batch_size": 256},
+        **_measured_on(run),
+    }
+    (run / "eval.json").write_text(json.dumps(knn))
+    # the card's advice writes eval-PROTOCOL-DATASET.json next to eval.json: export reads both
+    (run / "eval-semi10-npz-projection-ep3-seed1.json").write_text(json.dumps(semi))
+    export_model(run, tmp_path / "m", onnx=False)
+    card = (tmp_path / "m" / "README.md").read_text()
+    base = "carlzoo probe --model RUN_DIR --dataset npz --data-root DATA"
+    assert f"{base} --protocol knn --k 5 --out RUN_DIR/eval-knn-npz-k5.json\n" in card
+    assert (
+        f"{base} --protocol semi10 --layer projection --epochs 3 --seed 1 "
+        "--out RUN_DIR/eval-semi10-npz-projection-ep3-seed1.json\n"
+    ) in card
+    assert "--out RUN_DIR/eval.json" not in card  # it would replace the results there
+    assert (
+        f"run `{base} --protocol PROTOCOL --out RUN_DIR/eval-PROTOCOL-npz.json` and export "
+        "again" in card
+    )
+    assert "every `RUN_DIR/eval*.json`" in card
+    assert re.search(r"Linear probe top-1 accuracy \| .* \| not measured", card)
+    # a checkpoint that is not the run's last is named as such
+    ckpt = run / "checkpoints" / "epoch_0001.safetensors"
+    shutil.copy(run / "checkpoints" / "last.safetensors", ckpt)
+    export_model(ckpt, tmp_path / "m1", onnx=False)
+    card = (tmp_path / "m1" / "README.md").read_text()
+    assert "carlzoo probe --model RUN_DIR/checkpoints/epoch_0001.safetensors --dataset" in card
 
 
 def test_parity_images_fall_back_to_example_images(
@@ -336,6 +525,96 @@ def test_existing_output_needs_overwrite(run_dir: Path, tmp_path: Path) -> None:
     assert {p.name for p in out.iterdir()} == MODEL_FILES - {"model.onnx"}
     assert "measured metrics: none" in result.output
     assert _no_leftovers(tmp_path) == []
+
+
+def test_out_may_not_replace_the_run_or_the_current_folder(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "runs" / "c10"
+    shutil.copytree(run_dir, run)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    ckpt = run / "checkpoints" / "last.safetensors"
+    cases = [
+        (run, run, "is the source run folder"),
+        (run, tmp_path / "runs", "contains the source run folder"),
+        (run, tmp_path, "contains the source run folder"),
+        (ckpt, run / "checkpoints", "is the checkpoint's folder"),
+        (ckpt, run, "is the source run folder"),
+        (run, run / "checkpoints" / ".." / "checkpoints", "is the checkpoint's folder"),
+    ]
+    for source, out, what in cases:
+        msg = _error(_cli(export, [str(source), "--out", str(out), "--no-onnx", "--overwrite"]))
+        assert what in msg and "choose a folder outside the run" in msg, msg
+        msg = _error(_cli(export, [str(source), "--out", str(out), "--no-onnx"]))
+        assert what in msg, msg  # not "pass --overwrite"
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    # "." and ".." resolve to the current folder and its parent
+    cwd = tmp_path / "a" / "b"
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    for out, what in ((".", "is the current folder"), ("..", "is a parent of the current")):
+        msg = _error(_cli(export, [str(run), "--out", out, "--no-onnx", "--overwrite"]))
+        assert msg.startswith(f"Error: --out {out} {what}"), msg
+    assert list(cwd.iterdir()) == [] and [p.name for p in cwd.parent.iterdir()] == ["b"]
+    assert _no_leftovers(tmp_path) == [] and _no_leftovers(cwd.parent) == []
+    # a folder inside the run is fine
+    result = _cli(export, [str(run), "--out", str(run / "model"), "--no-onnx"])
+    assert result.exit_code == 0, result.output
+
+
+def test_float16_overflow_is_an_error(run_dir: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from carlzoo.training.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+    weights = dict(ckpt.model)
+    bias = weights["backbone.bn1.bias"].clone()
+    bias[0] = 7.0e4  # finite in float32, beyond float16's 65504
+    weights["backbone.bn1.bias"] = bias
+    source = tmp_path / "ovf.safetensors"
+    save_checkpoint(source, dataclasses.replace(ckpt, model=weights))
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [str(source), "--out", str(out / "m"), "--dtype", "float16", "--no-onnx"]
+    msg = _error(_cli(export, args))
+    assert msg.startswith("Error: --dtype float16: the exported weights give non-finite")
+    assert "backbone.bn1.bias" in msg and "--dtype float32" in msg
+    assert list(out.iterdir()) == []
+    res = export_model(source, out / "m32", onnx=False)  # float32 holds it
+    assert res.roundtrip_max_abs_diff <= 1e-6
+
+
+def test_a_killed_exports_staging_folder_is_removed(run_dir: Path, tmp_path: Path) -> None:
+    from carlzoo.export import repo
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    dead = int(proc.stdout)  # a pid that no longer runs
+
+    def staging(*names: str) -> list[Path]:
+        for name in names:
+            (tmp_path / name / "m").mkdir(parents=True)
+            (tmp_path / name / "m" / "model.safetensors").write_bytes(b"half written")
+        return [tmp_path / name for name in names]
+
+    # the staging folders of exports by carlzoo versions that did not name the host
+    stale = staging(f".m.export-{dead}-0123abcd")
+    kept = staging(f".m.export-{os.getpid()}-01234567", f".other.export-{dead}-01234567")
+    res = export_model(run_dir, tmp_path / "m", onnx=False)
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
+    assert res.warnings == (
+        f"removed {stale[0]}: the temporary folder of an export (pid {dead}) that was killed",
+    )
+    # this version names the host: another host's pids are not ours to judge
+    host = repo._host()
+    stale = staging(f".m.export-{host}-{dead}-89abcdef")
+    kept += staging(
+        f".m.export-{host}-{os.getpid()}-89abcdef", f".m.export-otherhost-{dead}-01234567"
+    )
+    res = export_model(run_dir, tmp_path / "m", onnx=False, overwrite=True)
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
+    assert [w.split(":")[0] for w in res.warnings] == [f"removed {stale[0]}"]
 
 
 def test_failed_onnx_export_leaves_nothing(
@@ -494,12 +773,14 @@ def test_push_then_load_by_hub_spec_and_registry_name(
     assert len(local_hub.requests) == before  # nothing reached the server
 
 
-def test_push_to_a_branch_mirrors_the_folder(exported, local_hub: LocalHub, tmp_path: Path) -> None:
+def test_push_to_a_branch_mirrors_the_folder(
+    run_dir: Path, exported, local_hub: LocalHub, tmp_path: Path
+) -> None:
     repo_id = "carlzoo-test/branchy"
     folder = tmp_path / "m"
     shutil.copytree(exported.out_dir, folder)
     main_sha, _ = _push(folder, repo_id, "--json")
-    (folder / "model.onnx").unlink()  # e.g. re-exported with --no-onnx
+    export_model(run_dir, folder, onnx=False, overwrite=True, name="carl-tiny")  # no model.onnx
     dev_sha, entry = _push(folder, repo_id, "--revision", "dev", "--json")
     assert dev_sha != main_sha and entry["revision"] == dev_sha
     assert local_hub.head(repo_id, "dev") == dev_sha and local_hub.head(repo_id) == main_sha
