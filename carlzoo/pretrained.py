@@ -601,11 +601,14 @@ def from_pretrained(
     if backend == "onnx":
         onnx_path = directory / ONNX_NAME
         if not onnx_path.is_file():
-            raise ZooError(
-                f"no {ONNX_NAME} in {directory}: add one with `python -m "
-                f"carlzoo.export.onnx {directory}` (or `carlzoo export`), or use "
-                "backend='torch'"
-            )
+            if (directory / "README.md").is_file():  # a `carlzoo export --no-onnx` folder
+                how = (
+                    "export its run again without --no-onnx (`carlzoo export RUN --out "
+                    f"{directory} --overwrite`)"
+                )
+            else:
+                how = f"add one with `python -m carlzoo.export.onnx {directory}`"
+            raise ZooError(f"no {ONNX_NAME} in {directory}: {how}, or use backend='torch'")
         return OnnxCARL(onnx_path, config, device)
     dev = _resolve_device(device)
     model = PretrainedCARL(config)
@@ -669,7 +672,7 @@ def _hub_file(
         raise ZooError(f"{label}: revision {revision!r} not found in {repo_id}") from None
     except EntryNotFoundError:
         hint = (
-            "; add one with `python -m carlzoo.export.onnx FOLDER` and upload it, or use"
+            "; export the run with ONNX (`carlzoo export RUN --out DIR`) and push it, or use"
             " backend='torch'"
             if fname == ONNX_NAME
             else ""

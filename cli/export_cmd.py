@@ -113,7 +113,11 @@ def _echo_bundled_pins(out_dir: Path, hashes: dict[str, str]) -> None:
     metavar="BRANCH",
     help="Branch to push to (created if missing; default main).",
 )
-@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option(
+    "--private",
+    is_flag=True,
+    help="Create the repository as private; an existing public one is refused.",
+)
 @click.option(
     "--token",
     default=None,

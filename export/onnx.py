@@ -17,7 +17,9 @@ graph semantics) for environments where torch.export is unavailable.
 arithmetic stay float32, so every onnxruntime execution provider runs it.
 
 Command line: ``python -m carlzoo.export.onnx MODEL_FOLDER [--opset N] [--dtype float16]``
-adds ``model.onnx`` to a model folder written by ``carlzoo.pretrained.save_pretrained``.
+adds ``model.onnx`` to a model folder written by ``carlzoo.pretrained.save_pretrained`` and
+records it in the folder's config.json (:func:`add_onnx`); a folder exported by ``carlzoo
+export`` (it holds a README.md model card) is exported again with ``carlzoo export`` instead.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import argparse
 import contextlib
 import copy
 import io
+import json
+import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -184,17 +189,36 @@ def export_onnx(
     return path
 
 
+def _worst(values: list[float], *, largest: bool = True) -> float:
+    """max (or min) of ``values``; NaN when any is NaN (Python's max/min would drop it)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values) if largest else min(values)
+
+
 @torch.inference_mode()
-def onnx_parity(model: CARLModel, onnx_path: str | Path, inputs: Tensor) -> dict[str, float]:
+def onnx_parity(model: CARLModel, onnx_path: str | Path, inputs: Tensor) -> dict[str, Any]:
     """Compare ``onnx_path`` (onnxruntime, CPU) with ``model`` (PyTorch, eval) on ``inputs``.
 
     Both run on the CPU in float32: a model on a GPU (whose convolutions may use TF32) or in
     another dtype is compared through a CPU float32 copy, so the check measures the export.
 
-    Returns ``max_abs_diff`` (the largest absolute difference over the three outputs),
-    ``min_cosine`` (the smallest row-wise cosine similarity over the three outputs),
-    ``output_scale`` (the largest |output| of PyTorch) and ``scaled_diff``
-    (``max_abs_diff / max(1, output_scale)``, what :func:`parity_failure` judges).
+    Each output (``features``, ``projection``, ``logits``) is judged on its own scale: its
+    ``scaled_diff`` is its max abs difference divided by ``max(1, its largest |value|)``, so
+    a large projection does not loosen the limit on the logits. Returns
+
+    * ``max_abs_diff``: the largest absolute difference over the three outputs;
+    * ``min_cosine``: the smallest row-wise cosine similarity over the three outputs;
+    * ``output_scale``: the largest |output| of PyTorch over the three outputs;
+    * ``scaled_diff``: the largest per-output scaled difference, what :func:`parity_failure`
+      judges, and ``worst_output``, the output it comes from;
+    * ``outputs``: per output name, its ``max_abs_diff``, ``output_scale``, ``scaled_diff``
+      and ``min_cosine``;
+    * ``non_finite``: the outputs holding NaN or infinite values, as ``"logits (ONNX)"`` or
+      ``"logits (PyTorch)"`` (empty when there are none); any fails the check.
+
+    Figures computed from non-finite values are not finite either (NaN wins over the
+    others where Python's ``max`` would drop it).
     """
     import onnxruntime as ort
 
@@ -214,21 +238,38 @@ def onnx_parity(model: CARLModel, onnx_path: str | Path, inputs: Tensor) -> dict
         str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
     )
     got = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
-    max_abs, min_cos, scale = 0.0, 1.0, 0.0
-    for r, g in zip(ref, got, strict=True):
+    outputs: dict[str, dict[str, float]] = {}
+    non_finite: list[str] = []
+    for name, r, g in zip(OUTPUT_NAMES, ref, got, strict=True):
         r = r.float().cpu()
         g = torch.from_numpy(g).float()
         if r.shape != g.shape:
-            raise ValueError(f"ONNX output shape {tuple(g.shape)} != PyTorch {tuple(r.shape)}")
-        max_abs = max(max_abs, (r - g).abs().max().item())
-        scale = max(scale, r.abs().max().item())
+            raise ValueError(
+                f"ONNX output {name} has shape {tuple(g.shape)}, PyTorch {tuple(r.shape)}"
+            )
+        for side, t in (("ONNX", g), ("PyTorch", r)):
+            if not bool(torch.isfinite(t).all()):
+                non_finite.append(f"{name} ({side})")
+        diff = (r - g).abs().max().item() if r.numel() else 0.0
+        scale = r.abs().max().item() if r.numel() else 0.0
         cos = torch.nn.functional.cosine_similarity(r.double(), g.double(), dim=1, eps=1e-12)
-        min_cos = min(min_cos, cos.min().item())
+        outputs[name] = {
+            "max_abs_diff": float(diff),
+            "output_scale": float(scale),
+            "scaled_diff": float(diff / max(1.0, scale)) if not math.isnan(scale) else math.nan,
+            "min_cosine": _worst(cos.tolist() or [1.0], largest=False),
+        }
+    scaled = {name: o["scaled_diff"] for name, o in outputs.items()}
+    nan_outputs = [name for name, v in scaled.items() if math.isnan(v)]
+    worst = nan_outputs[0] if nan_outputs else max(scaled, key=lambda n: scaled[n])
     return {
-        "max_abs_diff": float(max_abs),
-        "min_cosine": float(min_cos),
-        "output_scale": float(scale),
-        "scaled_diff": float(max_abs / max(1.0, scale)),
+        "max_abs_diff": _worst([o["max_abs_diff"] for o in outputs.values()]),
+        "min_cosine": _worst([o["min_cosine"] for o in outputs.values()], largest=False),
+        "output_scale": _worst([o["output_scale"] for o in outputs.values()]),
+        "scaled_diff": _worst(list(scaled.values())),
+        "worst_output": worst,
+        "outputs": outputs,
+        "non_finite": non_finite,
     }
 
 
@@ -243,20 +284,41 @@ def parity_inputs(size: int, n: int = 4) -> Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def parity_failure(res: dict[str, float], tol: float = 1e-4) -> str | None:
+def parity_failure(res: dict[str, Any], tol: float = 1e-4) -> str | None:
     """Why an :func:`onnx_parity` result fails, or None when it passes.
 
-    The limit is ``tol`` on the max abs difference scaled by ``max(1, largest |output|)``:
-    absolute for outputs of magnitude up to 1, relative for larger ones (the projection z of
-    a trained model easily reaches 1e3, where float32 rounding alone is ~1e-4). Every row
-    must also keep a cosine similarity >= 1 - 1e-5.
+    Each output's limit is ``tol`` on its max abs difference scaled by ``max(1, its largest
+    |value|)``: absolute for outputs of magnitude up to 1, relative for larger ones (the
+    projection z of a trained model easily reaches 1e3, where float32 rounding alone is
+    ~1e-4), and the worst output (``scaled_diff``) is judged. Every row of every output must
+    also keep a cosine similarity >= 1 - 1e-5. NaN or infinite values on either side fail.
     """
-    if res["scaled_diff"] <= tol and res["min_cosine"] >= 1 - 1e-5:
+    non_finite = list(res.get("non_finite") or [])
+    if non_finite:
+        return f"non-finite values (NaN or inf) in {', '.join(non_finite)}"
+    scaled, cosine = float(res["scaled_diff"]), float(res["min_cosine"])
+    if not (math.isfinite(scaled) and math.isfinite(cosine)):
+        return f"non-finite parity figures (scaled diff {scaled}, min cosine {cosine})"
+    if scaled <= tol and cosine >= 1 - 1e-5:
         return None
+    name = res.get("worst_output")
+    per = (res.get("outputs") or {}).get(name) if name else None
+    if per is not None:
+        diff, scale = float(per["max_abs_diff"]), float(per["output_scale"])
+        where = f"{name}: "
+    else:  # a result from before per-output figures
+        diff, scale, where = float(res["max_abs_diff"]), float(res["output_scale"]), ""
     return (
-        f"max abs diff {res['max_abs_diff']:.3g} at output scale {res['output_scale']:.3g} "
-        f"(limit {tol:g} x max(1, scale)), min cosine {res['min_cosine']:.6f}"
+        f"{where}max abs diff {diff:.3g} at output scale {scale:.3g} "
+        f"(limit {tol:g} x max(1, scale)), min cosine {cosine:.6f}"
     )
+
+
+CARD_NAME = "README.md"
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.expanduser().resolve() == b.expanduser().resolve()
 
 
 def add_onnx(
@@ -270,26 +332,76 @@ def add_onnx(
     """Export ``directory/model.onnx`` (or ``out``) from the folder's model.safetensors and
     config.json.
 
-    With ``check`` the export is compared with PyTorch on a few random inputs and refused
-    (ValueError) when :func:`parity_failure` finds them apart, with ``tol`` 1e-4 for float32
-    and 1e-2 for float16 weights (:data:`PARITY_TOL`).
+    With ``check`` the export is compared with PyTorch on a few random inputs
+    (:func:`parity_inputs`) and refused (ValueError) when :func:`parity_failure` finds them
+    apart, with ``tol`` 1e-4 for float32 and 1e-2 for float16 weights (:data:`PARITY_TOL`).
+
+    Written into the folder itself (``out`` None or ``directory/model.onnx``), the export
+    is recorded in config.json's provenance as ``carlzoo export`` records it
+    (``onnx_opset``, and ``onnx_parity`` with the check's figures), model.onnx and
+    config.json each written atomically, model.onnx first. A folder holding a model card
+    (README.md, written by ``carlzoo export``) is refused before any work: the card would
+    still describe the folder without this export; export the run again instead.
     """
-    from carlzoo.pretrained import ONNX_NAME, from_pretrained
+    from carlzoo.outputs import _write_temp
+    from carlzoo.pretrained import CONFIG_NAME, ONNX_NAME, from_pretrained
 
     directory = Path(directory)
+    if dtype not in PARITY_TOL:
+        raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'float16'")
+    opset = check_opset(opset)
+    own = directory / ONNX_NAME
+    out = own if out is None else Path(out)
+    in_folder = _same_file(out, own)
+    if in_folder and (directory / CARD_NAME).exists():
+        raise ValueError(
+            f"{directory} holds a model card ({CARD_NAME}) that adding {ONNX_NAME} would "
+            f"leave describing the folder without it; export the run again with ONNX instead: "
+            f"`carlzoo export RUN_DIR --out {directory} --overwrite`"
+        )
     model = from_pretrained(directory, backend="torch")
     size = model.config.preprocessing.input_size
-    out = directory / ONNX_NAME if out is None else Path(out)
+    parity: dict[str, Any] | None = None
 
     def write(tmp: Path) -> None:  # the export is checked before it replaces `out`
+        nonlocal parity
         export_onnx(model, tmp, input_size=size, opset=opset, dtype=dtype)
         if check:
-            res = onnx_parity(model, tmp, parity_inputs(size))
+            x = parity_inputs(size)
+            res = onnx_parity(model, tmp, x)
             failure = parity_failure(res, PARITY_TOL[dtype])
             if failure:
                 raise ValueError(f"ONNX export of {directory} differs from PyTorch: {failure}")
+            source = f"{len(x)} random N(0, 1) inputs"
+            parity = {
+                "tol": PARITY_TOL[dtype],
+                "real": None,
+                "random": {**res, "source": source, "n": int(len(x))},
+            }
 
-    return atomic_write(out, write)
+    if not in_folder:
+        return atomic_write(out, write)
+    cfg_path = directory / CONFIG_NAME
+    onnx_tmp = _write_temp(out, write)
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))  # from_pretrained parsed it
+        provenance = dict(data.get("provenance") or {})
+        provenance["onnx_opset"] = opset
+        if parity is not None:
+            provenance["onnx_parity"] = parity
+        else:  # figures of an earlier export would not describe this one
+            provenance.pop("onnx_parity", None)
+        data["provenance"] = provenance
+        text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+        cfg_tmp = _write_temp(cfg_path, lambda p: p.write_text(text, encoding="utf-8"))
+        try:
+            os.replace(onnx_tmp, out)
+            os.replace(cfg_tmp, cfg_path)
+        finally:
+            cfg_tmp.unlink(missing_ok=True)
+    finally:
+        onnx_tmp.unlink(missing_ok=True)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

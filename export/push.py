@@ -6,8 +6,15 @@ one commit that makes the branch mirror the folder (files no longer in it are de
 (LFS sha256 or git blob id of each) and returns the commit sha and the sha256 of every file:
 what ``carlzoo/registry.py`` pins. :func:`registry_snippet` prints that entry as Python.
 
-No token (neither ``token`` nor ``HF_TOKEN`` nor a saved login) is an error raised before
-any network call.
+Refused before any network call, in one line: no token (neither ``token`` nor ``HF_TOKEN``
+nor a saved login), and a folder that is not a complete ``carlzoo export`` folder: it must
+hold config.json, model.safetensors, README.md (the card), training_config.json and
+metrics.json, and model.onnx exactly when config.json records an ONNX export
+(``provenance.onnx_opset``); nothing else (no hidden file such as ``.env``, no other file
+or folder: only these files are ever uploaded); and it must load with
+:func:`carlzoo.pretrained.from_pretrained` (torch on the CPU, and onnx when model.onnx is
+there, whose outputs must match PyTorch's as ``carlzoo export`` checked them). With
+``private=True`` an existing public repository is refused before anything is uploaded.
 """
 
 from __future__ import annotations
@@ -31,7 +38,16 @@ __all__ = [
     "registry_snippet",
 ]
 
-_REQUIRED = ("config.json", "model.safetensors")
+_REQUIRED = (  # what `carlzoo export` writes, model.onnx aside
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    "training_config.json",
+    "metrics.json",
+)
+_ONNX = "model.onnx"
+_ALLOWED = frozenset((*_REQUIRED, _ONNX))
+_REEXPORT = "export it again with `carlzoo export RUN_DIR --out {dir} --overwrite`"
 
 
 class PushError(ValueError):
@@ -73,22 +89,22 @@ def _file_ids(path: Path) -> tuple[str, str]:
 
 
 def _model_files(root: Path) -> list[str]:
-    """Files under ``root`` as relative posix paths, sorted; hidden files and folders skipped."""
-    out = []
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and not any(part.startswith(".") for part in rel.split("/")):
-            out.append(rel)
-    return out
+    """The model-folder files in ``root`` (names, sorted): what is hashed and uploaded."""
+    return sorted(p.name for p in root.iterdir() if p.name in _ALLOWED and p.is_file())
 
 
 def local_file_hashes(model_dir: str | Path) -> dict[str, str]:
-    """sha256 of every file in ``model_dir`` (relative posix paths, sorted; hidden skipped)."""
+    """sha256 of every model-folder file in ``model_dir`` (names, sorted)."""
     root = Path(model_dir)
     return {rel: sha256_file(root / rel) for rel in _model_files(root)}
 
 
-def _check_model_dir(model_dir: Path) -> None:
+def _reexport(model_dir: Path) -> str:
+    return _REEXPORT.format(dir=model_dir)
+
+
+def _check_model_dir(model_dir: Path) -> ZooConfig:
+    """The cheap checks of the folder (no loading): its files and config.json."""
     if not model_dir.is_dir():
         raise PushError(
             f"{model_dir} is not a folder; export a model first with "
@@ -100,7 +116,77 @@ def _check_model_dir(model_dir: Path) -> None:
             f"{model_dir} is not an exported model folder (missing "
             f"{', '.join(missing)}); create it with `carlzoo export`"
         )
-    _config(model_dir)
+    others = sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in model_dir.iterdir()
+        if p.name not in _ALLOWED or not p.is_file()
+    )
+    if others:
+        hidden = any(n.startswith(".") for n in others)
+        raise PushError(
+            f"{model_dir} holds {', '.join(others)}, not part of an exported model folder"
+            f"{' (a hidden file may hold secrets)' if hidden else ''}; move them out of the "
+            f"folder: push publishes exactly the files `carlzoo export` writes"
+        )
+    cfg = _config(model_dir)
+    opset = cfg.provenance.get("onnx_opset")
+    has_onnx = (model_dir / _ONNX).is_file()
+    if has_onnx and opset is None:
+        raise PushError(
+            f"{model_dir / _ONNX} is not recorded in config.json (provenance onnx_opset is "
+            f"null), so config.json and README.md say the model has no ONNX export; "
+            f"{_reexport(model_dir)}, or remove {_ONNX}"
+        )
+    if opset is not None and not has_onnx:
+        raise PushError(
+            f"config.json records an ONNX export (opset {opset}) but {model_dir} has no "
+            f"{_ONNX}; {_reexport(model_dir)} (with --no-onnx for a model without it)"
+        )
+    for name in ("training_config.json", "metrics.json"):
+        try:
+            json.loads((model_dir / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise PushError(
+                f"cannot read {model_dir / name}: {_one_line(e)}; {_reexport(model_dir)}"
+            ) from None
+    card = model_dir / "README.md"
+    try:
+        from carlzoo.export.card import parse_front_matter
+
+        meta = parse_front_matter(card.read_text(encoding="utf-8"))
+    except Exception as e:  # yaml raises several types
+        raise PushError(f"cannot read the model card {card}: {_one_line(e)}") from None
+    if not meta:
+        raise PushError(
+            f"{card} is not a model card (no YAML front matter); {_reexport(model_dir)}"
+        )
+    return cfg
+
+
+def _check_model_loads(model_dir: Path, cfg: ZooConfig) -> None:
+    """Load the folder as ``carlzoo.load`` would (torch on the CPU; onnx too when model.onnx
+    is there) and compare the two on :func:`carlzoo.export.onnx.parity_inputs` with the
+    limit ``carlzoo export`` used; PushError (one line) when it does not load or they differ."""
+    from carlzoo.export.onnx import PARITY_TOL, onnx_parity, parity_failure, parity_inputs
+    from carlzoo.pretrained import from_pretrained
+
+    try:
+        model = from_pretrained(model_dir, device="cpu", backend="torch")
+        if (model_dir / _ONNX).is_file():
+            from_pretrained(model_dir, backend="onnx")
+            res = onnx_parity(model, model_dir / _ONNX, parity_inputs(cfg.preprocessing.input_size))
+            dtype = cfg.provenance.get("weights_dtype")
+            failure = parity_failure(res, PARITY_TOL.get(str(dtype), PARITY_TOL["float32"]))
+            if failure:
+                raise PushError(
+                    f"{model_dir / _ONNX} does not reproduce model.safetensors ({failure}); "
+                    f"{_reexport(model_dir)}"
+                )
+    except PushError:
+        raise
+    except Exception as e:  # ZooError, onnxruntime's and torch's own errors alike
+        why = " ".join(str(e).split()) if isinstance(e, ZooError) else _one_line(e)
+        raise PushError(f"{model_dir} does not load: {why}; {_reexport(model_dir)}") from None
 
 
 def _config(model_dir: Path) -> ZooConfig:
@@ -121,9 +207,12 @@ def push_model(
     commit_message: str | None = None,
     endpoint: str | None = None,
 ) -> PushResult:
-    """Upload ``model_dir`` to ``repo_id`` (branch ``revision``, default main) as one commit."""
+    """Upload ``model_dir`` to ``repo_id`` (branch ``revision``, default main) as one commit.
+
+    ``private`` creates a new repository as private and refuses an existing public one.
+    """
     model_dir = Path(model_dir)
-    _check_model_dir(model_dir)
+    cfg = _check_model_dir(model_dir)
     if not REPO_ID.match(repo_id):
         raise PushError(f"--repo-id {repo_id!r} is not of the form ORG/NAME")
     branch = revision or "main"
@@ -133,7 +222,9 @@ def push_model(
             "no Hugging Face token: pass --token, set HF_TOKEN or log in with "
             "`hf auth login` (a token with write access to the repository)"
         )
-    ids = {name: _file_ids(model_dir / name) for name in _model_files(model_dir)}
+    _check_model_loads(model_dir, cfg)
+    names = _model_files(model_dir)
+    ids = {name: _file_ids(model_dir / name) for name in names}
     files = {name: sha for name, (sha, _) in ids.items()}
     blob_ids = {name: blob for name, (_, blob) in ids.items()}
 
@@ -142,6 +233,19 @@ def push_model(
     api = HfApi(token=tok, endpoint=endpoint)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
+        visibility = api.repo_info(repo_id).private if private else True
+    except Exception as e:  # network and Hub errors alike: one line, no traceback
+        raise PushError(
+            f"push of {model_dir} to {repo_id}@{branch} failed: {_one_line(e)}"
+        ) from None
+    if visibility is not True:  # create_repo(exist_ok=True) leaves an existing repo as it is
+        state = "is public" if visibility is False else "does not say it is private"
+        raise PushError(
+            f"--private: the existing repository {repo_id} {state}, so the model would be "
+            "public; make the repository private on the Hub (Settings) first, or push "
+            "without --private"
+        )
+    try:
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
         info = api.upload_folder(
@@ -149,6 +253,7 @@ def push_model(
             folder_path=model_dir,
             revision=branch,
             commit_message=commit_message or f"Upload {model_dir.name} with carlzoo",
+            allow_patterns=names,  # never a file that appeared after the checks (a .env)
             delete_patterns="*",
         )
         sha = info.oid

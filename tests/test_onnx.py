@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from onnx import helper, numpy_helper
 from PIL import Image
 from tiny import SIZE, TINY
 
@@ -77,10 +80,26 @@ def test_graph_contract(folder: Path) -> None:
 def test_parity_with_pytorch_on_any_batch_size(model: CARLModel, folder: Path, batch: int) -> None:
     x = torch.randn(batch, 3, SIZE, SIZE)
     res = onnx_parity(model, folder / "model.onnx", x)
-    assert set(res) == {"max_abs_diff", "min_cosine", "output_scale", "scaled_diff"}
-    assert res["max_abs_diff"] < 1e-4
-    assert res["scaled_diff"] == res["max_abs_diff"] / max(1.0, res["output_scale"])
-    assert res["min_cosine"] > 1 - 1e-6
+    assert set(res) == {
+        "max_abs_diff",
+        "min_cosine",
+        "output_scale",
+        "scaled_diff",
+        "worst_output",
+        "outputs",
+        "non_finite",
+    }
+    assert res["max_abs_diff"] < 1e-4 and res["non_finite"] == []
+    outs = res["outputs"]
+    assert list(outs) == ["features", "projection", "logits"]
+    for o in outs.values():
+        assert o["scaled_diff"] == o["max_abs_diff"] / max(1.0, o["output_scale"])
+    assert res["scaled_diff"] == outs[res["worst_output"]]["scaled_diff"]
+    assert res["scaled_diff"] == max(o["scaled_diff"] for o in outs.values())
+    assert res["max_abs_diff"] == max(o["max_abs_diff"] for o in outs.values())
+    assert res["output_scale"] == max(o["output_scale"] for o in outs.values())
+    assert res["min_cosine"] == min(o["min_cosine"] for o in outs.values()) > 1 - 1e-6
+    assert onnx_export.parity_failure(res) is None
 
 
 def test_onnx_backend_agrees_with_torch(folder: Path, tmp_path: Path) -> None:
@@ -163,6 +182,13 @@ def test_missing_onnx_file_says_how_to_export(model: CARLModel, tmp_path: Path) 
         match=f"no model.onnx in {out}: add one with `python -m carlzoo.export.onnx {out}`",
     ):
         load(str(out), backend="onnx")
+    (out / "README.md").write_text("---\n---\n")  # a `carlzoo export --no-onnx` folder's card
+    with pytest.raises(ZooError) as info:  # python -m carlzoo.export.onnx refuses such folders
+        load(str(out), backend="onnx")
+    assert str(info.value) == (
+        f"no model.onnx in {out}: export its run again without --no-onnx (`carlzoo export RUN "
+        f"--out {out} --overwrite`), or use backend='torch'"
+    )
     (out / "model.onnx").write_bytes(b"not onnx")
     with pytest.raises(ZooError, match=f"cannot load ONNX model {out / 'model.onnx'}"):
         load(str(out), backend="onnx")
@@ -310,3 +336,158 @@ def test_parity_is_measured_against_a_cpu_float32_copy(model: CARLModel, tmp_pat
     wide = wide.double().train()
     assert onnx_parity(wide, path, x) == onnx_parity(model, path, x)
     assert next(wide.parameters()).dtype == torch.float64 and wide.training  # left as it was
+
+
+# ---- the parity check judges each output on its own scale, and NaN fails it -------------
+
+
+def _add_to_logits(src: Path, dst: Path, value: np.ndarray) -> Path:
+    """A copy of the graph ``src`` whose logits output is the original logits + ``value``."""
+    proto = onnx.load(str(src))
+    for node in proto.graph.node:
+        for i, name in enumerate(node.output):
+            if name == "logits":
+                node.output[i] = "logits_raw"
+    proto.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), "delta"))
+    proto.graph.node.append(helper.make_node("Add", ["logits_raw", "delta"], ["logits"]))
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def big_projection(
+    model: CARLModel, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[CARLModel, Path]:
+    """The tiny model with a projection z of magnitude ~1e4 (cosine logits stay ~10), as a
+    trained model's can be, and its export (the faster exporter)."""
+    big = build_model(TINY)
+    big.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        big.head.layers[-1].weight.mul_(1e4)
+        big.head.layers[-1].bias.mul_(1e4)
+    big.eval()
+    path = tmp_path_factory.mktemp("big") / "big.onnx"
+    export_onnx(big, path, input_size=SIZE, exporter="torchscript")
+    return big, path
+
+
+def test_a_large_projection_does_not_loosen_the_limit_on_the_logits(
+    big_projection: tuple[CARLModel, Path], tmp_path: Path
+) -> None:
+    big, path = big_projection
+    x = onnx_export.parity_inputs(SIZE)
+    ok = onnx_parity(big, path, x)
+    assert ok["output_scale"] > 1e3  # the premise: the projection is large
+    assert onnx_export.parity_failure(ok) is None  # a faithful export still passes
+    delta = np.zeros((1, TINY.num_prototypes), np.float32)
+    delta[0, 3] = 0.01  # 100x the limit on logits of magnitude ~10
+    bad = _add_to_logits(path, tmp_path / "bad.onnx", delta)
+    res = onnx_parity(big, bad, x)
+    failure = onnx_export.parity_failure(res)
+    assert failure is not None and failure.startswith("logits: max abs diff 0.01 at output")
+    logits = res["outputs"]["logits"]
+    assert logits["max_abs_diff"] == pytest.approx(0.01, rel=1e-3)
+    assert logits["output_scale"] < 100
+    assert res["worst_output"] == "logits" and res["scaled_diff"] == logits["scaled_diff"]
+    assert res["output_scale"] == res["outputs"]["projection"]["output_scale"]
+
+
+def test_non_finite_outputs_fail_the_parity_check(model: CARLModel, tmp_path: Path) -> None:
+    path = export_onnx(model, tmp_path / "m.onnx", input_size=SIZE, exporter="torchscript")
+    x = onnx_export.parity_inputs(SIZE)
+    for value, what in ((np.nan, "NaN"), (np.inf, "inf")):
+        bad = _add_to_logits(
+            path, tmp_path / f"{what}.onnx", np.full((1, TINY.num_prototypes), value)
+        )
+        res = onnx_parity(model, bad, x)
+        assert onnx_export.parity_failure(res) == (
+            "non-finite values (NaN or inf) in logits (ONNX)"
+        )
+        assert res["non_finite"] == ["logits (ONNX)"]
+        assert res["worst_output"] == "logits"
+        assert not math.isfinite(res["scaled_diff"]) and not math.isfinite(res["max_abs_diff"])
+    # NaN figures fail too, whatever produced them
+    res = onnx_parity(model, path, x)
+    assert onnx_export.parity_failure({**res, "min_cosine": math.nan}) is not None
+    assert onnx_export.parity_failure({**res, "scaled_diff": math.nan}) is not None
+
+
+def test_add_onnx_refuses_an_export_with_nan_outputs(
+    model: CARLModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = save_pretrained(model, tmp_path / "m", ZooConfig(TINY, Preprocessing(SIZE, SIZE)))
+    before = (out / "config.json").read_bytes()
+    real_export = onnx_export.export_onnx
+
+    def nan_logits(m: CARLModel, path: Path, **kwargs: object) -> Path:
+        real_export(m, path, **{**kwargs, "exporter": "torchscript"})
+        nan = np.full((1, TINY.num_prototypes), np.nan)
+        return _add_to_logits(Path(path), Path(path), nan)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", nan_logits)
+    with pytest.raises(ValueError, match=r"differs from PyTorch: non-finite values .* logits"):
+        add_onnx(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert (out / "config.json").read_bytes() == before
+
+
+# ---- add_onnx records the export in config.json; a folder with a card is re-exported ------
+
+
+@pytest.fixture
+def fast_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_export = onnx_export.export_onnx
+
+    def fast_export(*args: object, **kwargs: object) -> Path:
+        return real_export(*args, **{**kwargs, "exporter": "torchscript"})
+
+    monkeypatch.setattr(onnx_export, "export_onnx", fast_export)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.usefixtures("fast_exporter")
+def test_add_onnx_records_the_export_in_config_json(model: CARLModel, tmp_path: Path) -> None:
+    cfg = ZooConfig(TINY, Preprocessing(SIZE, SIZE), provenance={"onnx_opset": None})
+    out = save_pretrained(model, tmp_path / "m", cfg)
+    assert main([str(out), "--opset", "20"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.onnx",
+        "model.safetensors",
+    ]
+    data = json.loads((out / "config.json").read_text())
+    prov = data["provenance"]
+    assert prov["onnx_opset"] == 20 and prov["weights_dtype"] == "float32"
+    parity = prov["onnx_parity"]
+    assert parity["tol"] == 1e-4 and parity["real"] is None
+    assert parity["random"]["n"] == 4 and parity["random"]["source"] == "4 random N(0, 1) inputs"
+    assert parity["random"]["scaled_diff"] <= 1e-4
+    assert set(parity["random"]["outputs"]) == {"features", "projection", "logits"}
+    assert from_pretrained(out).config.provenance == prov  # still a valid config.json
+    # Exported again without the check, the old figures would not describe the new file.
+    add_onnx(out, check=False)
+    prov = json.loads((out / "config.json").read_text())["provenance"]
+    assert prov["onnx_opset"] == 18 and "onnx_parity" not in prov
+    assert _leftovers(out) == []
+
+
+@pytest.mark.usefixtures("fast_exporter")
+def test_add_onnx_refuses_a_folder_with_a_model_card(
+    model: CARLModel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = save_pretrained(model, tmp_path / "m", ZooConfig(TINY, Preprocessing(SIZE, SIZE)))
+    (out / "README.md").write_text("---\nlibrary_name: carlzoo\n---\n\n- No ONNX export.\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {out} holds a model card (README.md)")
+    assert f"`carlzoo export RUN_DIR --out {out} --overwrite`" in err
+    with pytest.raises(ValueError, match="holds a model card"):
+        add_onnx(out, out=out / "model.onnx")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # An export elsewhere (the onnx backend's cache of a bundled model) leaves the folder alone.
+    elsewhere = add_onnx(out, out=tmp_path / "cache.onnx")
+    assert elsewhere.is_file() and {p.name: p.read_bytes() for p in out.iterdir()} == before
