@@ -14,6 +14,9 @@ metrics of the prototype assignments. Everything it writes to OUT is under 16 Mi
     OUT/config.yaml            the resolved training config
     OUT/weights-0000K-of-0000N.safetensors   float16 model weights in shards (BN stats fp32)
 
+OUT must not hold an earlier run's files (config.yaml, metrics.json, metrics.jsonl, weight
+shards, run/): a training run refuses such an OUT rather than mix two runs' files.
+
 At ``--probe-at`` epochs (default: half the run, e.g. epoch 100 of 200) kNN and the linear
 probe are measured too, mid-schedule: a conservative stand-in for a run of that length,
 whose learning rate would have annealed by then.
@@ -24,10 +27,12 @@ still leaves its latest state behind. With ``--time-limit`` the script ends trai
 when the next epoch and the evaluation would not fit in the time left, evaluates what it
 has, and says so in metrics.json (``epochs`` against ``epochs_planned``, ``stopped_early``).
 
-Back on any machine, ``--join OUT`` rebuilds OUT/run/ (config.yaml, metrics.jsonl,
+Back on any machine, ``--out OUT --join`` rebuilds OUT/run/ (config.yaml, metrics.jsonl,
 checkpoints/last.safetensors with float32 weights, eval.json), which ``carlzoo export``
-takes. ``--join OUT --lossless cifar10.npz`` also measures kNN, linear and clustering again
-on the lossless test split there, which then become the model's CIFAR-10 results:
+takes, from OUT's one complete set of shards 1..N of N. ``--out OUT --join --lossless
+cifar10.npz`` also measures kNN, linear and clustering again on the lossless test split
+there, which then become the model's CIFAR-10 results (the run's own results stay in
+eval.json under another name):
 
     python benchmarks/gpu_cifar10.py --out OUT --join --lossless cifar10.npz
     carlzoo export OUT/run --out carlzoo/models/carl-cifar10 --dtype float16
@@ -38,7 +43,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -47,11 +54,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 import carlzoo
+from carlzoo.model import build_model
 from carlzoo.outputs import atomic_write, atomic_write_text
-from carlzoo.training.checkpoint import Checkpoint, save_checkpoint
+from carlzoo.training.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from carlzoo.training.config import ConfigError, config_to_dict, load_config
 from carlzoo.training.datasets import DatasetError, load_split
 from carlzoo.training.evaluate import cluster_metrics, knn_eval, linear_eval
@@ -61,11 +70,41 @@ from carlzoo.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARD_BYTES = 15 * 2**20
+SHARD_NAME = re.compile(r"weights-(\d{5})-of-(\d{5})\.safetensors")
+# What a training run leaves in OUT (gpu_run.sh adds train.log), and what --join adds.
+RUN_FILES = ("config.yaml", "metrics.json", "metrics.jsonl", "run")
 
 
-def shard_state(state: dict[str, torch.Tensor], out: Path) -> list[Path]:
+class JoinError(ValueError):
+    """OUT cannot be joined; the message is one line and names the file."""
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"weights-{k:05d}-of-{n:05d}.safetensors"
+
+
+def earlier_run_files(out: Path) -> list[str]:
+    """The names in ``out`` that a training run writes (an earlier run's, when present)."""
+    if not out.is_dir():
+        return []
+    names = [name for name in RUN_FILES if (out / name).exists()]
+    return names + sorted(p.name for p in out.glob("weights-*-of-*.safetensors"))
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    """A copy that a kill leaves either old or new, never cut short."""
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+
+def shard_state(
+    state: dict[str, torch.Tensor],
+    out: Path,
+    epoch: int | None = None,
+    step: int | None = None,
+) -> list[Path]:
     """float16 weights (integer counters and BatchNorm statistics kept as they are) in <15 MiB
-    shards."""
+    shards, each recording the ``epoch`` and ``step`` they were saved at. Shards of another
+    count (another run's) are removed: OUT holds one set."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in state.items():
@@ -77,24 +116,26 @@ def shard_state(state: dict[str, torch.Tensor], out: Path) -> list[Path]:
             size = 0
         shards[-1][name] = t
         size += nbytes
+    meta = {k: str(v) for k, v in (("epoch", epoch), ("step", step)) if v is not None}
     paths = []
+    n = len(shards)
     for i, shard in enumerate(shards):
-        path = out / f"weights-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        path = out / shard_name(i + 1, n)
         # a run killed mid-write keeps the previous shard
-        atomic_write(path, lambda tmp, shard=shard: save_file(shard, str(tmp)))
+        atomic_write(path, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=meta))
         paths.append(path)
+    for p in out.glob("weights-*-of-*.safetensors"):
+        m = SHARD_NAME.fullmatch(p.name)
+        if m and int(m[2]) != n:
+            p.unlink(missing_ok=True)
     return paths
 
 
 def portable_command(argv: list[str]) -> str:
     """The command line as recorded in results: file names instead of this machine's paths."""
 
-    def config(p: Path) -> str:
-        p = p.resolve()
-        return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
-
     shown = {"--data": lambda p: p.name, "--lossless": lambda p: p.name,
-             "--out": lambda p: "OUT", "--config": config}  # fmt: skip
+             "--out": lambda p: "OUT", "--config": config_label}  # fmt: skip
     words = ["python", f"benchmarks/{Path(argv[0]).name}"]
     i = 1
     while i < len(argv):
@@ -107,6 +148,17 @@ def portable_command(argv: list[str]) -> str:
             words.append(argv[i])
             i += 1
     return " ".join(words)
+
+
+def config_label(config: str | Path) -> str:
+    """``--config`` as recorded: a preset name as given, a file relative to the repository
+    (else its name). A name without a suffix that is no file is a preset, as load_config
+    reads it."""
+    p = Path(config)
+    if not p.suffix and not p.exists():
+        return str(config)
+    p = p.resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
 
 
 class TimeGuard:
@@ -184,14 +236,16 @@ class EpochWatch:
         self.save_every, self.epochs = save_every, epochs
         self.probe_at, self.probe = probe_at or set(), probe
         self.probes: list[dict] = []
+        self.config_copied = False
 
     def __call__(self, record: dict, model: torch.nn.Module) -> bool:
-        shutil.copy(self.run / "metrics.jsonl", self.out / "metrics.jsonl")
-        if not (self.out / "config.yaml").exists():
-            shutil.copy(self.run / "config.yaml", self.out / "config.yaml")
+        copy_atomic(self.run / "metrics.jsonl", self.out / "metrics.jsonl")
+        if not self.config_copied:  # this run's, once (main refuses an OUT holding one)
+            copy_atomic(self.run / "config.yaml", self.out / "config.yaml")
+            self.config_copied = True
         epoch = record["epoch"]
         if self.save_every and epoch % self.save_every == 0:
-            shard_state(model.state_dict(), self.out)
+            shard_state(model.state_dict(), self.out, epoch, record.get("step"))
         if self.probe is not None and epoch in self.probe_at:
             t0 = time.perf_counter()
             res = {"epoch": epoch, **self.probe(model)}
@@ -218,83 +272,210 @@ class EpochWatch:
         return stop is not None
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def shard_set(out: Path) -> list[Path]:
+    """OUT's one complete set of shards 1..N of N, in order; anything else is a JoinError."""
+    found = sorted(out.glob("weights-*-of-*.safetensors"))
+    if not found:
+        raise JoinError(f"{out} holds no weights-*-of-*.safetensors shards; copy the run's OUT")
+    sets: dict[int, dict[int, Path]] = {}
+    for p in found:
+        m = SHARD_NAME.fullmatch(p.name)
+        if m is None or not 1 <= int(m[1]) <= int(m[2]):
+            raise JoinError(
+                f"{p} is not a shard this script writes (weights-KKKKK-of-NNNNN.safetensors, "
+                "K in 1..N); remove it"
+            )
+        sets.setdefault(int(m[2]), {})[int(m[1])] = p
+    if len(sets) > 1:
+        held = ", ".join(f"weights-*-of-{n:05d}: {len(s)}" for n, s in sorted(sets.items()))
+        raise JoinError(
+            f"{out} holds shards of {len(sets)} sets ({held}): only one is this run's; remove "
+            "the others (or copy the run's OUT again into an empty folder)"
+        )
+    ((n, parts),) = sets.items()
+    missing = [shard_name(k, n) for k in range(1, n + 1) if k not in parts]
+    if missing:
+        raise JoinError(
+            f"{out} holds {len(parts)} of {n} shards; missing {', '.join(missing)}: copy "
+            f"{'them' if len(missing) > 1 else 'it'} from the run's OUT"
+        )
+    return [parts[k] for k in range(1, n + 1)]
+
+
+def read_shards(shards: list[Path], epoch: int) -> dict[str, torch.Tensor]:
+    """The float32 state of ``shards``, which must all have been saved at ``epoch`` when they
+    say (shards of older versions of this script do not)."""
+    state: dict[str, torch.Tensor] = {}
+    saved_at: dict[str, str | None] = {}
+    for s in shards:
+        try:
+            with safe_open(str(s), framework="pt") as f:
+                saved_at[s.name] = (f.metadata() or {}).get("epoch")
+                part = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise JoinError(
+                f"{s} is not a readable safetensors file ({_one_line(e)}); copy it again from "
+                "the run's OUT"
+            ) from None
+        state.update({k: (v.float() if v.dtype == torch.float16 else v) for k, v in part.items()})
+    if set(saved_at.values()) not in ({None}, {str(epoch)}):
+        held = ", ".join(f"{name}: epoch {e or '?'}" for name, e in saved_at.items())
+        raise JoinError(
+            f"the shards are not all the weights of epoch {epoch}, the epoch metrics.json "
+            f"reports ({held}); copy the run's final OUT again"
+        )
+    return state
+
+
+def check_fits(state: dict[str, torch.Tensor], cfg: object, out: Path) -> None:
+    """The shards' tensors are those of the model config.yaml describes, shape for shape."""
+    expected = build_model(cfg.model).state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    extra = sorted(state.keys() - expected.keys())
+    wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]
+    if wrong:
+        k = wrong[0]
+        why = f"{k} is {tuple(state[k].shape)} in them, {tuple(expected[k].shape)} in the model"
+    elif missing or extra:
+        why = f"{len(missing)} tensor(s) missing (e.g. {missing[0]})" if missing else ""
+        why += ("; " if missing and extra else "") + (
+            f"{len(extra)} unknown (e.g. {extra[0]})" if extra else ""
+        )
+    else:
+        return
+    raise JoinError(
+        f"the shards in {out} do not fit its config.yaml ({why}): both must come from the same "
+        "run; copy the run's OUT again"
+    )
+
+
 def join(out: Path, lossless: Path | None = None) -> Path:
     """Rebuild a run folder that ``carlzoo export`` accepts from OUT's small files.
 
     With ``lossless`` (the lossless CIFAR-10 ``.npz``), kNN, linear and clustering are
     measured again on its test split on this machine; those become the ``cifar10`` results
     and the run's own results are kept under the name of the copy it used (e.g.
-    ``cifar10_webp90``).
+    ``cifar10_webp90``; ``cifar10_run`` when that copy is itself named ``cifar10``), so that
+    the two never share a name. Every result names the checkpoint it measured
+    (``model_epoch``, ``model_step``), as ``carlzoo export`` requires.
+
+    Raises JoinError (one line) on files that do not make one run; OUT/run is then left as
+    it was: it is built beside and moved into place at the end.
     """
-    shards = sorted(out.glob("weights-*-of-*.safetensors"))
-    if not shards:
-        sys.exit(f"{out} holds no weights-*-of-*.safetensors shards")
-    if not (out / "metrics.json").is_file():
-        sys.exit(f"{out} holds no metrics.json: the run did not reach its evaluation")
-    state: dict[str, torch.Tensor] = {}
-    for s in shards:
-        state.update(
-            {
-                k: (v.float() if v.dtype == torch.float16 else v)
-                for k, v in load_file(str(s)).items()
-            }
-        )
-    cfg = load_config(out / "config.yaml")
-    final = json.loads((out / "metrics.json").read_text())
+    if not out.is_dir():
+        raise JoinError(f"{out} is not a folder; --out names the folder the GPU job wrote")
+    shards = shard_set(out)
+    metrics_path = out / "metrics.json"
+    if not metrics_path.is_file():
+        raise JoinError(f"{out} holds no metrics.json: the run did not reach its evaluation")
+    try:
+        final = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise JoinError(f"{metrics_path} is not valid JSON ({_one_line(e)})") from None
+    if not isinstance(final, dict) or not isinstance(final.get("epochs"), int):
+        raise JoinError(f"{metrics_path} records no epochs: it is not this script's metrics.json")
+    if not (out / "config.yaml").is_file():
+        raise JoinError(f"{out} holds no config.yaml; copy it from the run's OUT")
+    try:
+        cfg = load_config(out / "config.yaml")
+    except ValueError as e:
+        raise JoinError(f"{out / 'config.yaml'}: {_one_line(e)}") from None
     # The run's log up to the epoch the shards hold (a stopped run's log ends there too).
     rows = read_metrics(out / "metrics.jsonl", final["epochs"])
-    if not rows or rows[-1]["epoch"] != final["epochs"]:
-        sys.exit(f"{out}/metrics.jsonl has no line for epoch {final['epochs']} of metrics.json")
+    if (
+        not rows
+        or rows[-1]["epoch"] != final["epochs"]
+        or not isinstance(rows[-1].get("step"), int)
+    ):
+        raise JoinError(
+            f"{out}/metrics.jsonl has no line for epoch {final['epochs']} of metrics.json"
+        )
     last = rows[-1]
-    run = out / "run"
-    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-    shutil.copy(out / "config.yaml", run / "config.yaml")
-    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    save_checkpoint(
-        run / "checkpoints" / "last.safetensors",
-        Checkpoint(
-            model=state,
-            epoch=last["epoch"],
-            step=last["step"],
-            config=config_to_dict(cfg),
-            metrics=last,
-        ),
-    )
-    load_run(run)  # the weights match the config
-    # The evaluations in `carlzoo probe --out` form, so `carlzoo export` puts them on the card.
-    run_dataset = "cifar10"
-    if lossless is not None:
-        run_dataset = Path(final.get("data_file") or "cifar10_lossy.npz").stem
-    evaluations = [
-        {
-            "protocol": protocol,
-            "dataset": run_dataset,
-            "split": "test",
-            **final[key],
-            "command": final["command"],
-        }
-        for protocol, key in (("knn", "knn"), ("linear", "linear"), ("cluster", "clustering"))
-        if key in final
-    ]
-    if lossless is not None:
-        from carlzoo.training.evaluate import run_probe
+    state = read_shards(shards, final["epochs"])
+    check_fits(state, cfg, out)
+    dest = out / "run"
+    if dest.exists() and not dest.is_dir():
+        raise JoinError(f"{dest} is not a folder; remove it")
+    try:
+        build = Path(tempfile.mkdtemp(prefix=".join-", dir=out))
+    except OSError as e:
+        raise JoinError(
+            f"cannot write in {out} ({_one_line(e)}); copy it to a writable folder first"
+        ) from None
+    try:
+        run = build / "run"
+        (run / "checkpoints").mkdir(parents=True)
+        copy_atomic(out / "config.yaml", run / "config.yaml")
+        atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        save_checkpoint(
+            run / "checkpoints" / "last.safetensors",
+            Checkpoint(
+                model=state,
+                epoch=last["epoch"],
+                step=last["step"],
+                config=config_to_dict(cfg),
+                metrics=last,
+            ),
+        )
+        try:
+            load_run(run)  # the weights match the config
+        except CheckpointError as e:
+            raise JoinError(f"{out}: {_one_line(e)}") from None
+        # The evaluations in `carlzoo probe --out` form, so `carlzoo export` puts them on
+        # the card, measured on the checkpoint built here.
+        measured_on = {"model_epoch": last["epoch"], "model_step": last["step"]}
+        run_dataset = "cifar10"
+        if lossless is not None:  # the lossless results are "cifar10": never the same name
+            stem = Path(final.get("data_file") or "cifar10_lossy.npz").stem
+            run_dataset = stem if stem.casefold() != "cifar10" else f"{stem}_run"
+        evaluations = [
+            {
+                "protocol": protocol,
+                "dataset": run_dataset,
+                "split": "test",
+                **final[key],
+                **measured_on,
+                "command": final.get("command"),
+            }
+            for protocol, key in (("knn", "knn"), ("linear", "linear"), ("cluster", "clustering"))
+            if isinstance(final.get(key), dict)
+        ]
+        if lossless is not None:
+            evaluations = measure_lossless(run, dest, lossless) + evaluations
+        atomic_write_text(run / "eval.json", json.dumps(evaluations, indent=2))
+        (dest / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.safetensors", "eval.json"):
+            os.replace(run / name, dest / name)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    print(f"rebuilt {dest} from {len(shards)} shard(s)")
+    return dest
 
-        command = portable_command(sys.argv)
-        measured: list[dict] = []
-        with tempfile.TemporaryDirectory() as cache:
-            for protocol in ("knn", "linear", "cluster"):
-                t0 = time.perf_counter()
+
+def measure_lossless(run: Path, dest: Path, lossless: Path) -> list[dict]:
+    """kNN, linear and clustering of the run in ``run`` (to be moved to ``dest``) on the
+    test split of ``lossless``."""
+    from carlzoo.training.evaluate import ProbeError, run_probe
+
+    command = portable_command(sys.argv)
+    measured: list[dict] = []
+    with tempfile.TemporaryDirectory() as cache:
+        for protocol in ("knn", "linear", "cluster"):
+            t0 = time.perf_counter()
+            try:
                 res = run_probe(run, "cifar10", lossless, protocol, cache_dir=cache)
-                res["command"] = command
-                measured.append(res)
-                top1 = res.get("top1", res.get("acc"))
-                print(
-                    f"{protocol} on {lossless.name}: {top1:.2f}% ({time.perf_counter() - t0:.0f} s)"
-                )
-        evaluations = measured + evaluations
-    atomic_write_text(run / "eval.json", json.dumps(evaluations, indent=2))
-    print(f"rebuilt {run} from {len(shards)} shard(s)")
-    return run
+            except (ProbeError, DatasetError) as e:
+                raise JoinError(f"--lossless {lossless}: {_one_line(e)}") from None
+            res["model"] = str(dest)  # where it is once joined, not where it was measured
+            res["command"] = command
+            measured.append(res)
+            top1 = res.get("top1", res.get("acc"))
+            print(f"{protocol} on {lossless.name}: {top1:.2f}% ({time.perf_counter() - t0:.0f} s)")
+    return measured
 
 
 def main() -> None:
@@ -327,6 +508,13 @@ def main() -> None:
     )
     args = p.parse_args()
     out = Path(args.out)
+    if args.lossless and not args.join:
+        p.error(
+            "--lossless is for --join (it measures the joined run again): add --join, or drop "
+            "--lossless to train"
+        )
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is not a folder")
     if args.lossless and not Path(args.lossless).is_file():
         p.error(f"--lossless {args.lossless}: no such file")
     if args.lossless:
@@ -335,12 +523,21 @@ def main() -> None:
         except DatasetError as e:
             p.error(f"--lossless: {e}")
     if args.join:
-        join(out, Path(args.lossless) if args.lossless else None)
+        try:
+            join(out, Path(args.lossless) if args.lossless else None)
+        except JoinError as e:
+            p.error(f"--join: {e}")
         return
     if not args.data:
         p.error("--data is required unless --join")
     if not Path(args.data).is_file():
         p.error(f"--data {args.data}: no such file")
+    held = earlier_run_files(out)
+    if held:  # --join would mix this run's files with those of the earlier one
+        p.error(
+            f"--out {out} holds an earlier run's {', '.join(held)}; choose another --out or "
+            "empty it"
+        )
     t_start = time.perf_counter()
     overrides = [f"data.root={Path(args.data).resolve()}", "data.dataset=cifar10", *args.overrides]
     if args.epochs is not None:
@@ -383,7 +580,7 @@ def main() -> None:
         splits = {"pretrain": train_set, "test": test_set}  # decoded once, above
         train(cfg, run, progress=False, on_epoch_end=watch, splits=splits)  # log copied to out
         train_time = time.perf_counter() - t0
-        model, cfg, _ = load_run(run)
+        model, cfg, ckpt = load_run(run)
 
     model = model.to(device)
     t0 = time.perf_counter()
@@ -418,8 +615,9 @@ def main() -> None:
         "command": portable_command(sys.argv),
         "time_limit_s": args.time_limit or None,
     }
+    # The shards first: metrics.json marks a finished run, whose shards are all in place.
+    shards = shard_state(model.state_dict(), out, ckpt.epoch, ckpt.step)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=float))
-    shards = shard_state(model.state_dict(), out)
     print(
         f"kNN top-1 {knn['top1']:.2f}%  linear top-1 {linear['top1']:.2f}%  "
         f"NMI {clusters.get('nmi', float('nan')):.3f}  train {train_time:.0f} s  "

@@ -4,10 +4,13 @@
 #
 #   DATA=path/to/cifar10_webp90.npz bash benchmarks/gpu_run.sh
 #
-# STEP=train (default) trains, evaluates and writes metrics + weight shards: 6 files.
+# STEP=train (default) trains, evaluates and writes metrics + weight shards: 6 files. It
+# refuses an OUT that holds an earlier run's files (train.log, config.yaml, metrics.json,
+# metrics.jsonl, weight shards, run/): choose another OUT or empty it.
 # STEP=throughput measures model-only vs carlzoo vs DataLoader at batch 512: 2 files.
 # STEP=sweep compares recipe variants for EPOCHS epochs each: 2 files, e.g.
 #   STEP=sweep EPOCHS=40 VARIANTS="base lr0.3:optim.lr=0.3 k300:model.num_prototypes=300"
+# EPOCHS must exceed the recipe's warm-up (10 epochs), else add SETS="optim.warmup_epochs=N".
 # Each step fits a 10-minute job. TIME_LIMIT (default 560 s) bounds the training script:
 # it ends training early, evaluates and says so when the recipe would not fit. EPOCHS
 # shortens the schedule itself (default: the recipe's 200 epochs). SETS="key=value ..." changes
@@ -17,6 +20,21 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 DATA=${DATA:?set DATA to a CIFAR-10 .npz}
 STEP=${STEP:-train}
+if [ "$STEP" = train ]; then
+    # Checked before tee replaces train.log: two runs' files in one OUT would be joined as one.
+    held=""
+    for f in "$OUT"/train.log "$OUT"/config.yaml "$OUT"/metrics.json "$OUT"/metrics.jsonl \
+        "$OUT"/run "$OUT"/weights-*-of-*.safetensors; do
+        if [ -e "$f" ]; then
+            held="$held ${f##*/}"
+        fi
+    done
+    if [ -n "$held" ]; then
+        echo "gpu_run.sh: OUT=$OUT holds an earlier run's files:$held; choose another OUT or" \
+            "empty it" >&2
+        exit 2
+    fi
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # The installed layout (carlzoo, carlzoo.training, ...) without pip: a copy on PYTHONPATH.

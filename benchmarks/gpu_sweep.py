@@ -6,11 +6,14 @@
         [--config training/configs/cifar10_fast.yaml] [--time-limit 540]
 
 Each ``--variant NAME[:key=value,key=value]`` trains the recipe with those changes for
-``--epochs`` epochs (its own full schedule: warm-up, cosine lr and the KL weight follow E),
-with the kNN monitor (k=200, T=0.1, the whole training split as the bank) every
-``--knn-every`` epochs and at the end. The time left is shared out evenly over the variants
-still to run; a variant that would overrun its share stops early and is marked so (its
-schedule is then unfinished: compare it with care).
+``--epochs`` epochs E, with the kNN monitor (k=200, T=0.1, the whole training split as the
+bank) every ``--knn-every`` epochs and at the end. The cosine lr follows E; the warm-up
+(``optim.warmup_epochs``) and the KL decay (``loss.kl_decay_epochs``) are counted in epochs
+as the recipe sets them, so E must exceed the warm-up (10 epochs in cifar10_fast.yaml) or the
+sweep needs ``--set optim.warmup_epochs=N``. Every variant's config is checked before any
+data is read. The time left is shared out evenly over the variants still to run; a variant
+that would overrun its share stops early and is marked so (its schedule is then unfinished:
+compare it with care).
 
 OUT/sweep.json is rewritten after every variant (one row each: changes, epochs done, final
 and best kNN, the kNN curve, prototypes in use, images/s, seconds), and a Markdown table for
@@ -23,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -34,13 +36,13 @@ import torch
 
 import carlzoo
 from carlzoo.outputs import atomic_write_text
-from carlzoo.training.config import load_config
+from carlzoo.training.config import TrainConfig, load_config
 from carlzoo.training.datasets import DatasetError, ImageArrays, load_split
 from carlzoo.training.run import read_metrics
 from carlzoo.training.train import CollapseError, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cifar10 import TimeGuard, portable_command  # noqa: E402  (a script beside this one)
+from gpu_cifar10 import TimeGuard, config_label, portable_command  # noqa: E402  (a script beside)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +62,19 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
+def variant_config(args: argparse.Namespace, changes: list[str]) -> TrainConfig:
+    """The config a variant trains with: the recipe, the sweep's settings, --set, its changes.
+    Validated with exactly these before anything runs."""
+    base = [
+        f"data.root={Path(args.data).resolve()}",
+        "data.dataset=cifar10",
+        f"epochs={args.epochs}",
+        f"knn_every={args.knn_every}",
+        "checkpoint_every=0",
+    ]
+    return load_config(args.config, [*base, *args.overrides, *changes])
+
+
 def run_variant(
     name: str,
     changes: list[str],
@@ -69,14 +84,7 @@ def run_variant(
 ) -> dict[str, Any]:
     """Train one variant; ``splits`` are --data's splits, decoded once for every variant."""
     root = str(Path(args.data).resolve())
-    base = [
-        f"data.root={root}",
-        "data.dataset=cifar10",
-        f"epochs={args.epochs}",
-        f"knn_every={args.knn_every}",
-        "checkpoint_every=0",
-    ]
-    cfg = load_config(args.config, [*base, *args.overrides, *changes])
+    cfg = variant_config(args, changes)
     guard = TimeGuard(seconds, label="share")
     with tempfile.TemporaryDirectory() as tmp:
         train(
@@ -141,8 +149,10 @@ def main() -> None:
     p.add_argument("--data", required=True, help="CIFAR-10 .npz (plain or WebP-encoded)")
     p.add_argument("--out", required=True, help="output folder (sweep.json)")
     p.add_argument("--config", default=str(ROOT / "training/configs/cifar10_fast.yaml"))
-    p.add_argument("--epochs", type=int, required=True, help="epochs per variant")
-    p.add_argument("--knn-every", type=int, default=10)
+    p.add_argument("--epochs", type=int, required=True, help="epochs per variant (>= 1)")
+    p.add_argument(
+        "--knn-every", type=int, default=10, help="epochs between kNN measurements (0: none)"
+    )
     p.add_argument("--variant", dest="variants", type=parse_variant, action="append", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="for every variant")
     p.add_argument("--time-limit", type=float, default=0.0, help="seconds in all (0: none)")
@@ -150,11 +160,26 @@ def main() -> None:
     names = [n for n, _ in args.variants]
     if len(set(names)) != len(names):
         p.error(f"--variant names must differ, got {names}")
-    for name, changes in args.variants:  # every variant's config is valid before any runs
+    if args.epochs < 1:
+        p.error(f"--epochs {args.epochs}: expected at least 1")
+    if args.knn_every < 0:
+        p.error(f"--knn-every {args.knn_every}: expected 0 (no kNN) or more")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is not a folder")
+    # Every variant's config, as run_variant builds it, is valid before data is read or
+    # anything runs.
+    for name, changes in args.variants:
         try:
-            load_config(args.config, [*args.overrides, *changes])
+            variant_config(args, changes)
         except ValueError as e:
-            p.error(f"--variant {name}: {e}")
+            hint = ""
+            if "warmup_epochs" in str(e) and "must be shorter than epochs" in str(e):
+                hint = (
+                    f" (--epochs {args.epochs} does not exceed the warm-up; with gpu_run.sh: "
+                    'SETS="optim.warmup_epochs=N" or a larger EPOCHS)'
+                )
+            p.error(f"--variant {name}: {e}{hint}")
     if not Path(args.data).is_file():
         p.error(f"--data {args.data}: no such file")
     t_start = time.perf_counter()
@@ -165,11 +190,10 @@ def main() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
     header = {
-        "config": os.path.relpath(args.config, ROOT),
+        "config": config_label(args.config),  # a preset's name as given, a file's path
         "overrides": args.overrides,
         "epochs": args.epochs,
         "data": Path(args.data).name,

@@ -5,8 +5,13 @@ Measures, in one run on one machine and at one batch size:
   (2) carlzoo the full device pipeline: uint8 data on the device, per-sample augmentation
               on the device, the same step;
   (3) loader  torch DataLoader + torchvision PIL transforms in N workers, the same step.
-and prints images/s, seconds per CIFAR-10 epoch (50,000 images), peak memory and the ratios
+and prints images/s, seconds per CIFAR-10 epoch (50,000 images), memory and the ratios
 (2)/(1) and (2)/(3).
+
+Memory (``peak_memory_mb`` in the JSON, with ``peak_memory_kind``): on a GPU the peak of
+``torch.cuda.max_memory_allocated`` during that measurement (reset before it); on the CPU the
+process's maximum resident set size so far (``ru_maxrss``, which cannot be reset), so it
+includes every earlier measurement and only grows from one to the next.
 
     python benchmarks/train_throughput.py --data cifar10.npz              # GPU, batch 512
     python benchmarks/train_throughput.py --cpu-smoke                     # tiny CPU check
@@ -48,7 +53,7 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help=".npz with x_train (or the WebP-encoded variant); random uint8 images when omitted",
     )
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=None, help="default 512; 32 with --cpu-smoke")
     p.add_argument(
         "--steps",
         type=int,
@@ -61,8 +66,13 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="untimed steps first (default 15; 1 with --cpu-smoke)",
     )
-    p.add_argument("--workers", type=int, default=16, help="DataLoader workers for (3)")
-    p.add_argument("--width", type=int, default=64)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="DataLoader workers for (3) (default 16; 2 with --cpu-smoke)",
+    )
+    p.add_argument("--width", type=int, default=None, help="default 64; 8 with --cpu-smoke")
     p.add_argument("--prototypes", type=int, default=100)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -70,16 +80,40 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--cpu-smoke",
         action="store_true",
-        help="tiny CPU run: width 8, batch 32, 4 steps, 2 workers",
+        help="tiny CPU run: width 8, batch 32, 4 steps, 2 workers unless given",
     )
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-    return p.parse_args()
+    args = p.parse_args()
+    smoke = args.cpu_smoke
+    defaults = {
+        "width": 8 if smoke else 64,
+        "batch_size": 32 if smoke else 512,
+        "workers": 2 if smoke else 16,
+        "steps": 4 if smoke else 60,
+        "warmup": 1 if smoke else 15,
+    }
+    for key, value in defaults.items():  # explicit values win over --cpu-smoke's
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    minimum = {"width": 1, "batch_size": 1, "workers": 0, "steps": 1, "warmup": 0}
+    for key, low in minimum.items():
+        if getattr(args, key) < low:
+            p.error(f"--{key.replace('_', '-')} {getattr(args, key)}: expected at least {low}")
+    return args
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the peak allocated since :func:`reset_peak`. CPU: the process's max RSS so far
+    (it cannot be reset: it covers the earlier measurements too)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def memory_kind(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "cuda max_memory_allocated during this measurement"
+    return "process max RSS so far (ru_maxrss: never reset, includes earlier measurements)"
 
 
 def reset_peak(device: torch.device) -> None:
@@ -113,10 +147,12 @@ def measure(
         "images_per_s": ips,
         "s_per_cifar10_epoch": CIFAR10_TRAIN / ips,
         "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_kind": memory_kind(device),
     }
+    label = "peak" if device.type == "cuda" else "max RSS so far"
     print(
         f"  {name:8s} {ips:10.0f} img/s   {res['s_per_cifar10_epoch']:7.2f} s/epoch   "
-        f"peak {res['peak_memory_mb']:8.0f} MiB",
+        f"{label} {res['peak_memory_mb']:8.0f} MiB",
         flush=True,
     )
     return res
@@ -148,12 +184,6 @@ def forever(pipeline) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
 
 def main() -> None:
     args = parse_args()
-    if args.cpu_smoke:
-        args.width, args.batch_size, args.workers = 8, 32, 2
-    if args.steps is None:
-        args.steps = 4 if args.cpu_smoke else 60
-    if args.warmup is None:
-        args.warmup = 1 if args.cpu_smoke else 15
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu_smoke else "cpu")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -258,7 +288,7 @@ def main() -> None:
                     "host_sync_check": sync_check,
                 },
                 indent=2,
-            )
+            ),
         )
 
 

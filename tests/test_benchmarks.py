@@ -1,6 +1,8 @@
 """The benchmark scripts run in their small CPU mode (the figures themselves are not asserted)."""
 
+import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,12 +10,21 @@ from pathlib import Path
 from tiny import random_npz
 
 ROOT = Path(__file__).resolve().parents[1]
+GPU = str(ROOT / "benchmarks" / "gpu_cifar10.py")
+# gpu_cifar10.py's settings for a tiny CPU run
+TINY_GPU_SETS = ["--set", "model.width=4", "--set", "optim.batch_size=64", "--set", "device=cpu",
+                 "--set", "optim.warmup_epochs=0"]  # fmt: skip
 
 
-def _run_script(*args: str) -> subprocess.CompletedProcess:
+def _run_script(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=ROOT
+        [sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=cwd
     )
+
+
+def _last_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
 
 
 def test_train_throughput_cpu_smoke(tmp_path):
@@ -26,6 +37,33 @@ def test_train_throughput_cpu_smoke(tmp_path):
     figures = json.loads(out.read_text())["results"]
     assert set(figures) == {"model", "carlzoo", "loader"}
     assert all(v["images_per_s"] > 0 for v in figures.values())
+
+
+def test_train_throughput_keeps_explicit_values_labels_cpu_memory_and_refuses_bad_counts(
+    tmp_path,
+):
+    out = tmp_path / "figures.json"
+    script = str(ROOT / "benchmarks" / "train_throughput.py")
+    # --cpu-smoke sets what is not given; what is given wins.
+    result = _run_script(
+        script, "--cpu-smoke", "--width", "4", "--batch-size", "16", "--steps", "1",
+        "--warmup", "0", "--skip-loader", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "width 4," in result.stdout and "batch 16," in result.stdout
+    figures = json.loads(out.read_text())
+    assert figures["args"]["width"] == 4 and figures["args"]["batch_size"] == 16
+    assert figures["args"]["workers"] == 2  # not given: --cpu-smoke's
+    # The CPU figure is the process's max RSS so far, and says so.
+    assert "max RSS so far" in result.stdout and " peak " not in result.stdout
+    for res in figures["results"].values():
+        assert res["peak_memory_kind"].startswith("process max RSS so far")
+    for flag, value, message in [
+        ("--steps", "0", "--steps 0: expected at least 1"),
+        ("--warmup", "-1", "--warmup -1: expected at least 0"),
+    ]:
+        result = _run_script(script, "--cpu-smoke", flag, value)
+        assert result.returncode == 2 and message in _last_line(result), result.stderr[-2000:]
 
 
 def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_path):
@@ -67,6 +105,10 @@ def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_
         "config.yaml", "metrics.json", "metrics.jsonl", "weights-00001-of-00001.safetensors"
     ]  # fmt: skip
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    from safetensors import safe_open
+
+    with safe_open(str(out / "weights-00001-of-00001.safetensors"), "pt") as f:
+        assert f.metadata()["epoch"] == "1"  # the epoch its weights are of
 
     result = _run_script(script, "--out", str(out), "--join")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -99,8 +141,169 @@ def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_
         ("knn", "c10"), ("linear", "c10"), ("cluster", "c10"),
     ]  # fmt: skip
     assert evals[3]["top1"] == metrics["knn"]["top1"]
+    assert {(e["model_epoch"], e["model_step"]) for e in evals} == {(1, ckpt.step)}
     assert "--lossless" in evals[0]["command"] and evals[0]["settings"]["k"] == 200
     assert exported["provenance"]["epochs"] == 1 and exported["provenance"]["epochs_planned"] == 4
+
+
+def _fake_gpu_out(out: Path, data: Path, *, data_file: str = "c10.npz", width: int = 4) -> dict:
+    """An OUT as gpu_cifar10.py leaves it after 2 epochs, without training: its config, log,
+    metrics.json and one float16 shard of a width-``width`` model; returns the float32 state."""
+    import torch
+    from safetensors.torch import save_file
+
+    from carlzoo.model import build_model
+    from carlzoo.training.config import load_config, save_config
+
+    out.mkdir()
+    cfg = load_config(
+        ROOT / "training/configs/cifar10_fast.yaml",
+        [f"model.width={width}", "optim.batch_size=64", "device=cpu", "optim.warmup_epochs=0",
+         "epochs=2", f"data.root={data}", "data.dataset=cifar10"],
+    )  # fmt: skip
+    save_config(cfg, out / "config.yaml")
+    rows = [{"epoch": e, "step": 3 * e, "loss": 1.0, "prototypes_used": 9} for e in (1, 2)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = {
+        "epochs": 2, "epochs_planned": 2, "data_file": data_file, "split": "test",
+        "knn": {"top1": 12.5, "top5": 50.0}, "linear": {"top1": 25.0},
+        "clustering": {"nmi": 0.5, "ari": 0.1, "purity": 30.0},
+        "command": f"python benchmarks/gpu_cifar10.py --data {data_file} --out OUT",
+    }  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    torch.manual_seed(0)
+    state = build_model(cfg.model).state_dict()
+    half = {
+        k: v.half() if v.is_floating_point() and "running" not in k else v for k, v in state.items()
+    }
+    save_file(half, str(out / "weights-00001-of-00001.safetensors"), metadata={"epoch": "2"})
+    return state
+
+
+def test_gpu_cifar10_join_takes_one_complete_shard_set_and_says_what_is_wrong(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    data = random_npz(tmp_path / "c10.npz", 96, size=32, classes=10, n_test=32)
+    out = tmp_path / "out"
+    state = _fake_gpu_out(out, data)
+    zeros = {k: torch.zeros_like(v) for k, v in state.items()}
+    keys = list(zeros)
+    good = out / "weights-00001-of-00001.safetensors"
+    good_bytes = good.read_bytes()
+
+    def join_fails(message: str) -> None:
+        result = _run_script(GPU, "--out", str(out), "--join")
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in _last_line(result), result.stderr[-2000:]
+        assert not (out / "run").exists()
+
+    # An earlier run's shards of another count next to this run's: not mixed in.
+    stale = [out / f"weights-0000{k}-of-00002.safetensors" for k in (1, 2)]
+    save_file({k: zeros[k] for k in keys[:10]}, str(stale[0]))
+    save_file({k: zeros[k] for k in keys[10:]}, str(stale[1]))
+    join_fails("holds shards of 2 sets (weights-*-of-00001: 1, weights-*-of-00002: 2)")
+    # An incomplete set.
+    good.unlink()
+    stale[0].unlink()
+    join_fails("holds 1 of 2 shards; missing weights-00001-of-00002.safetensors")
+    stale[1].unlink()
+    # A shard cut short in the copy.
+    good.write_bytes(good_bytes[: len(good_bytes) // 2])
+    join_fails("weights-00001-of-00001.safetensors is not a readable safetensors file")
+    # Shards of epoch 1 next to the metrics of epoch 2.
+    save_file({k: v.half() for k, v in zeros.items()}, str(good), metadata={"epoch": "1"})
+    join_fails("the shards are not all the weights of epoch 2")
+    # Shards of another architecture than config.yaml's.
+    other = tmp_path / "other"
+    _fake_gpu_out(other, data, width=8)
+    (out / "config.yaml").write_bytes((other / "config.yaml").read_bytes())
+    good.write_bytes(good_bytes)
+    join_fails("do not fit its config.yaml (backbone.conv1.weight is (4, 3, 3, 3) in them")
+
+
+def test_gpu_cifar10_shard_writer_leaves_one_set_that_records_its_epoch(tmp_path):
+    import torch
+    from safetensors import safe_open
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_cifar10
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    for k in (1, 2, 3):  # an earlier run's set of 3
+        (tmp_path / f"weights-0000{k}-of-00003.safetensors").write_bytes(b"old")
+    state = {"a.weight": torch.ones(4), "a.running_mean": torch.zeros(4)}
+    gpu_cifar10.shard_state(state, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights-00001-of-00001.safetensors"]
+    gpu_cifar10.shard_state(state, tmp_path, epoch=3, step=12)
+    with safe_open(str(tmp_path / "weights-00001-of-00001.safetensors"), "pt") as f:
+        assert f.metadata() == {"epoch": "3", "step": "12"}
+        assert f.get_tensor("a.weight").dtype == torch.float16
+
+
+def test_gpu_cifar10_join_lossless_results_are_the_published_cifar10_ones(tmp_path):
+    """A run trained on a file named cifar10.npz: its own results must not take the name of
+    the lossless ones, which `carlzoo export` publishes as the model's CIFAR-10 results."""
+    from carlzoo.export.repo import export_model
+
+    data = random_npz(tmp_path / "cifar10.npz", 96, size=32, classes=10, n_test=32)
+    out = tmp_path / "out"
+    _fake_gpu_out(out, data, data_file="cifar10.npz")
+    result = _run_script(GPU, "--out", str(out), "--join", "--lossless", str(data))
+    assert result.returncode == 0, result.stderr[-2000:]
+    evals = json.loads((out / "run" / "eval.json").read_text())
+    assert [(e["protocol"], e["dataset"]) for e in evals] == [
+        ("knn", "cifar10"), ("linear", "cifar10"), ("cluster", "cifar10"),
+        ("knn", "cifar10_run"), ("linear", "cifar10_run"), ("cluster", "cifar10_run"),
+    ]  # fmt: skip
+    assert {(e["model_epoch"], e["model_step"]) for e in evals} == {(2, 6)}
+    assert evals[0]["model"] == str(out / "run")  # where the joined run is
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no leftovers
+
+    export_model(out / "run", tmp_path / "model", onnx=False)
+    exported = json.loads((tmp_path / "model" / "config.json").read_text())["metrics"]
+    assert exported["knn_top1"] == round(evals[0]["top1"], 6)
+    assert exported["linear_top1"] == round(evals[1]["top1"], 6)
+    assert exported["cifar10_run_knn_top1"] == 12.5
+    assert exported["cifar10_run_linear_top1"] == 25.0
+
+
+def test_gpu_cifar10_refuses_an_out_holding_an_earlier_run(tmp_path):
+    data = random_npz(tmp_path / "c10.npz", 96, size=32, classes=10, n_test=32)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.yaml").write_text("earlier: run\n")
+    (out / "weights-00001-of-00002.safetensors").write_bytes(b"earlier")
+    result = _run_script(
+        GPU, "--data", str(data), "--out", str(out), "--epochs", "1", *TINY_GPU_SETS
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert _last_line(result).endswith(
+        f"--out {out} holds an earlier run's config.yaml, weights-00001-of-00002.safetensors; "
+        "choose another --out or empty it"
+    )
+    assert (out / "config.yaml").read_text() == "earlier: run\n"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.yaml", "weights-00001-of-00002.safetensors"
+    ]  # fmt: skip
+
+    # gpu_run.sh checks before its tee replaces train.log.
+    (out / "config.yaml").unlink()
+    (out / "weights-00001-of-00002.safetensors").unlink()
+    (out / "train.log").write_text("the earlier run's log\n")
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    sets = "model.width=4 optim.batch_size=64 device=cpu optim.warmup_epochs=0"
+    env = {**os.environ, "DATA": str(data), "OUT": str(out), "EPOCHS": "1", "SETS": sets}
+    env["PATH"] = path
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh")],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "holds an earlier run's files: train.log; choose another OUT" in _last_line(result)
+    assert (out / "train.log").read_text() == "the earlier run's log\n"
+    assert sorted(p.name for p in out.iterdir()) == ["train.log"]
 
 
 def test_gpu_sweep_compares_variants_records_collapse_and_keeps_to_its_time(tmp_path):
@@ -128,11 +331,16 @@ def test_gpu_sweep_compares_variants_records_collapse_and_keeps_to_its_time(tmp_
     assert "| k30 | `model.num_prototypes=30` | 3/3 |" in result.stdout
     assert "| nokl |" in result.stdout and "failed: collapsed" in result.stdout
 
+    # A preset by name, from another folder: recorded by the name given.
     result = _run_script(
-        *common, "--out", str(tmp_path / "b"), "--variant", "base", "--time-limit", "0.001"
-    )
+        *common, "--out", str(tmp_path / "b"), "--variant", "base", "--time-limit", "0.001",
+        "--config", "cifar10_fast", cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    (row,) = json.loads((tmp_path / "b" / "sweep.json").read_text())["variants"]
+    sweep = json.loads((tmp_path / "b" / "sweep.json").read_text())
+    assert sweep["config"] == "cifar10_fast" and "--config cifar10_fast" in sweep["command"]
+    assert sweep["variants"][0]["epochs_planned"] == 3
+    (row,) = sweep["variants"]
     assert row["epochs"] == 1 and row["epochs_planned"] == 3
     assert row["stopped_early"].startswith("time share") and row["knn_epoch"] == 1
 
@@ -148,6 +356,26 @@ def test_gpu_sweep_rejects_bad_variants_before_training(tmp_path):
     result = _run_script(*args, "--variant", "a", "--variant", "a:optim.lr=1")
     assert result.returncode == 2 and "must differ" in result.stderr
     assert not (tmp_path / "sweep.json").exists()
+
+
+def test_gpu_sweep_checks_each_variant_with_the_settings_it_runs_with(tmp_path):
+    """--epochs, --knn-every and checkpoint_every are part of every variant's config: a
+    config they make invalid is refused before the data is read or OUT exists."""
+    data = random_npz(tmp_path / "c10.npz", 96, size=32, classes=10, n_test=32)
+    script = str(ROOT / "benchmarks" / "gpu_sweep.py")
+    out = tmp_path / "out"
+    args = [script, "--data", str(data), "--out", str(out), "--set", "model.width=4",
+            "--set", "device=cpu", "--variant", "base"]  # fmt: skip
+    # The recipe warms up for 10 epochs: 5 epochs per variant cannot work without a shorter one.
+    result = _run_script(*args, "--epochs", "5")
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = _last_line(result)
+    assert "--variant base: optim.warmup_epochs=10 must be shorter than epochs=5" in line
+    assert "--set optim.warmup_epochs=" in line and 'SETS="optim.warmup_epochs=N"' in line
+    result = _run_script(*args, "--epochs", "5", "--knn-every", "-1")
+    assert result.returncode == 2
+    assert "--knn-every -1: expected 0 (no kNN) or more" in _last_line(result)
+    assert not out.exists()
 
 
 def test_gpu_scripts_refuse_bad_input_before_writing(tmp_path):
@@ -166,18 +394,23 @@ def test_gpu_scripts_refuse_bad_input_before_writing(tmp_path):
         ([gpu, "--data", str(data), "--out", str(out), "--set", "optim.lr=fast"],
          "optim.lr: expected a number"),
         ([gpu, "--out", str(out), "--join", "--lossless", "gone.npz"], "gone.npz: no such file"),
-        ([sweep, "--data", "nope.npz", "--out", str(out), "--epochs", "1", "--variant", "a"],
-         "nope.npz: no such file"),
+        ([sweep, "--data", "nope.npz", "--out", str(out), "--epochs", "1", "--variant", "a",
+          "--set", "optim.warmup_epochs=0"], "nope.npz: no such file"),
         ([gpu, "--data", str(npy), "--out", str(out)], f"--data: cifar10: {npy} is a file; point"),
-        ([sweep, "--data", str(npy), "--out", str(out), "--epochs", "1", "--variant", "a"],
-         f"--data: cifar10: {npy} is a file; point"),
+        ([sweep, "--data", str(npy), "--out", str(out), "--epochs", "1", "--variant", "a",
+          "--set", "optim.warmup_epochs=0"], f"--data: cifar10: {npy} is a file; point"),
         ([gpu, "--out", str(out), "--join", "--lossless", str(npy)],
          f"--lossless: cifar10: {npy} is a file; point"),
+        ([gpu, "--out", str(out), "--lossless", str(data)], "--lossless is for --join"),
+        ([gpu, "--out", str(out), "--join"], f"--join: {out} is not a folder"),
     ]  # fmt: skip
     for args, message in cases:
         result = _run_script(*args)
         assert result.returncode == 2 and message in result.stderr.splitlines()[-1], args
         assert not out.exists()
+    # --join is a flag: the docstring (--help) shows it so.
+    doc = ast.get_docstring(ast.parse(Path(gpu).read_text()))
+    assert "--join OUT" not in doc and "--out OUT --join" in doc
     throughput = str(ROOT / "benchmarks" / "train_throughput.py")
     result = _run_script(throughput, "--data", str(npy), "--cpu-smoke")
     assert result.returncode == 1
