@@ -93,3 +93,43 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory):
+    """A one-epoch run of the real training entry point on a tiny synthetic npz dataset
+    (``run_dir.parent / "tiny.npz"``), shared by the export and push tests: copy it before
+    changing it."""
+    import numpy as np
+
+    from carlzoo.training.config import load_config
+    from carlzoo.training.train import train
+
+    root = tmp_path_factory.mktemp("export_run")
+    rng = np.random.default_rng(0)
+    data = root / "tiny.npz"
+    np.savez(
+        data,
+        x_train=rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8),
+        y_train=rng.integers(0, 10, 64),
+        x_test=rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
+        y_test=rng.integers(0, 10, 16),
+    )
+    cfg = load_config(
+        None,
+        overrides=[
+            "data.dataset=npz",
+            f"data.root={data}",
+            "data.image_size=16",
+            "model.width=4",
+            "model.num_prototypes=10",
+            "optim.batch_size=16",
+            "epochs=1",
+            "knn_every=0",
+            "device=cpu",
+            "precision=fp32",
+            "channels_last=false",
+        ],
+    )
+    train(cfg, root / "run", progress=False)
+    return root / "run"

@@ -9,15 +9,13 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from hubserver import LocalHub
+from tiny import MODEL_FILES
 
 from carlzoo.cli.export_cmd import push
 from carlzoo.export.repo import export_model
-from carlzoo.training.config import load_config
-from carlzoo.training.train import train
 
 pytestmark = [
     pytest.mark.filterwarnings(  # raised inside huggingface_hub's LFS upload
@@ -25,52 +23,6 @@ pytestmark = [
     ),
     pytest.mark.usefixtures("one_thread"),
 ]
-
-MODEL_FILES = {
-    "README.md",
-    "config.json",
-    "metrics.json",
-    "model.onnx",
-    "model.safetensors",
-    "training_config.json",
-}
-
-
-def _npz(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    np.savez(
-        path,
-        x_train=rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8),
-        y_train=rng.integers(0, 10, 64),
-        x_test=rng.integers(0, 256, (16, 16, 16, 3), dtype=np.uint8),
-        y_test=rng.integers(0, 10, 16),
-    )
-    return path
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A one-epoch run of the real training entry point on a tiny synthetic npz dataset."""
-    root = tmp_path_factory.mktemp("push_run")
-    data = _npz(root / "tiny.npz")
-    cfg = load_config(
-        None,
-        overrides=[
-            "data.dataset=npz",
-            f"data.root={data}",
-            "data.image_size=16",
-            "model.width=4",
-            "model.num_prototypes=10",
-            "optim.batch_size=16",
-            "epochs=1",
-            "knn_every=0",
-            "device=cpu",
-            "precision=fp32",
-            "channels_last=false",
-        ],
-    )
-    train(cfg, root / "run", progress=False)
-    return root / "run"
 
 
 @pytest.fixture(scope="module")

@@ -36,3 +36,15 @@ def random_npz(
     y = rng.integers(0, classes, n)
     np.savez(path, x_train=x, y_train=y, x_test=x[:n_test], y_test=y[:n_test])
     return path
+
+# The files `carlzoo export` writes into a model folder.
+MODEL_FILES = frozenset(
+    {
+        "README.md",
+        "config.json",
+        "metrics.json",
+        "model.onnx",
+        "model.safetensors",
+        "training_config.json",
+    }
+)
