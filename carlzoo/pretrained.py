@@ -625,6 +625,34 @@ def _needed_files(backend: str) -> list[str]:
     return [CONFIG_NAME, ONNX_NAME if backend == "onnx" else WEIGHTS_NAME]
 
 
+def _hf_hub_download(
+    repo_id: str,
+    fname: str,
+    revision: str | None,
+    *,
+    cache_dir: Any,
+    token: Any,
+    force_download: bool = False,
+) -> Path:
+    """``huggingface_hub.hf_hub_download`` of one file, as carlzoo (its user agent)."""
+    from huggingface_hub import hf_hub_download
+
+    from carlzoo import __version__
+
+    return Path(
+        hf_hub_download(
+            repo_id,
+            fname,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            force_download=force_download,
+            library_name="carlzoo",
+            library_version=__version__,
+        )
+    )
+
+
 def _hub_file(
     repo_id: str,
     fname: str,
@@ -635,7 +663,6 @@ def _hub_file(
     label: str,
 ) -> Path:
     """Download one file of one revision into the HF cache; return its snapshot path."""
-    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
@@ -644,20 +671,8 @@ def _hub_file(
         RevisionNotFoundError,
     )
 
-    from carlzoo import __version__
-
     try:
-        return Path(
-            hf_hub_download(
-                repo_id,
-                fname,
-                revision=revision,
-                cache_dir=cache_dir,
-                token=token,
-                library_name="carlzoo",
-                library_version=__version__,
-            )
-        )
+        return _hf_hub_download(repo_id, fname, revision, cache_dir=cache_dir, token=token)
     except LocalEntryNotFoundError:
         raise ZooError(
             f"{label}: {fname} is not in the Hugging Face cache and the Hub "
@@ -719,7 +734,7 @@ def _download_again(
     A plain download re-links the blob already in the cache (``blobs/<etag>``), corrupt or
     not, so only ``force_download=True`` repairs it. ``blob`` is named in the advice.
     """
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         return (
@@ -727,13 +742,8 @@ def _download_again(
             f"file {blob} and load once online"
         )
     try:
-        hf_hub_download(
-            repo_id,
-            fname,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            force_download=True,
+        _hf_hub_download(
+            repo_id, fname, revision, cache_dir=cache_dir, token=token, force_download=True
         )
     except Exception as e:  # huggingface_hub wraps the network error in a ValueError
         why = _one_line(e.__cause__ if e.__cause__ is not None else e)

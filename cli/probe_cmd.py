@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +32,12 @@ def _check_out(out_path: str) -> None:
         folder = folder.parent  # write_json creates the missing folders
     if not folder.is_dir():
         raise click.BadParameter(f"{folder} is a file, not a folder", param_hint="'--out'")
+    from carlzoo.outputs import OutputError, check_writable
+
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise click.BadParameter(f"cannot write in {folder}: {e.strerror}; choose another "
-                                 "folder", param_hint="'--out'") from None
+        check_writable(folder / Path(out_path).name)
+    except OutputError as e:
+        raise click.BadParameter(str(e), param_hint="'--out'") from None
 
 
 @click.command()
