@@ -39,7 +39,7 @@ from carlzoo.outputs import atomic_write_text
 from carlzoo.training.config import TrainConfig, load_config
 from carlzoo.training.datasets import DatasetError, ImageArrays, load_split
 from carlzoo.training.run import read_metrics
-from carlzoo.training.train import CollapseError, train
+from carlzoo.training.train import CollapseError, knn_bank, knn_monitor, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_cifar10 import TimeGuard, config_label, portable_command  # noqa: E402  (a script beside)
@@ -86,17 +86,32 @@ def run_variant(
     root = str(Path(args.data).resolve())
     cfg = variant_config(args, changes)
     guard = TimeGuard(seconds, label="share")
+    own = (cfg.data.dataset, cfg.data.root) == ("cifar10", root)  # else it trains on other data
+    at_stop: list[tuple[int, float]] = []
+
+    def on_epoch_end(record: dict, model: torch.nn.Module) -> bool:
+        if guard.tick(record["epoch"]) is None:
+            return False
+        # Stopped early: the schedule's last kNN will not run, so measure it here (the
+        # monitor's k, T and bank), else an early-stopped variant would have no result.
+        if cfg.knn_every and own and "knn_top1" not in record:
+            bank = knn_bank(splits["pretrain"], cfg.knn_max_train)
+            device = next(model.parameters()).device
+            res = knn_monitor(model, cfg, bank, splits["test"], device)
+            at_stop.append((record["epoch"], res["knn_top1"]))
+            print(f"stopped early at epoch {record['epoch']}: kNN {res['knn_top1']:.2f}%")
+        return True
+
     with tempfile.TemporaryDirectory() as tmp:
         train(
             cfg,
             Path(tmp) / "run",
             progress=False,
-            on_epoch_end=lambda record, model: guard.tick(record["epoch"]) is not None,
-            # unless the variant trains on other data
-            splits=splits if (cfg.data.dataset, cfg.data.root) == ("cifar10", root) else None,
+            on_epoch_end=on_epoch_end,
+            splits=splits if own else None,
         )
         rows = read_metrics(Path(tmp) / "run" / "metrics.jsonl")
-    curve = [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r]
+    curve = [(r["epoch"], r["knn_top1"]) for r in rows if "knn_top1" in r] + at_stop
     last = rows[-1]
     return {
         "name": name,

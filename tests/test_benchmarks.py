@@ -331,10 +331,11 @@ def test_gpu_sweep_compares_variants_records_collapse_and_keeps_to_its_time(tmp_
     assert "| k30 | `model.num_prototypes=30` | 3/3 |" in result.stdout
     assert "| nokl |" in result.stdout and "failed: collapsed" in result.stdout
 
-    # A preset by name, from another folder: recorded by the name given.
+    # A preset by name, from another folder: recorded by the name given. Stopped by its time
+    # share before the schedule's kNN (every 3 epochs), it measures kNN where it stopped.
     result = _run_script(
         *common, "--out", str(tmp_path / "b"), "--variant", "base", "--time-limit", "0.001",
-        "--config", "cifar10_fast", cwd=tmp_path,
+        "--config", "cifar10_fast", "--knn-every", "3", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     sweep = json.loads((tmp_path / "b" / "sweep.json").read_text())
@@ -343,6 +344,8 @@ def test_gpu_sweep_compares_variants_records_collapse_and_keeps_to_its_time(tmp_
     (row,) = sweep["variants"]
     assert row["epochs"] == 1 and row["epochs_planned"] == 3
     assert row["stopped_early"].startswith("time share") and row["knn_epoch"] == 1
+    assert 0 <= row["knn_top1"] <= 100 and row["knn_curve"] == [[1, row["knn_top1"]]]
+    assert "stopped early at epoch 1: kNN" in result.stdout
 
 
 def test_gpu_sweep_rejects_bad_variants_before_training(tmp_path):

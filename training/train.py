@@ -52,6 +52,8 @@ __all__ = [
     "resolve_device",
     "effective_prototypes",
     "unwrap",
+    "knn_bank",
+    "knn_monitor",
 ]
 
 log = logging.getLogger("carlzoo.train")
@@ -208,20 +210,29 @@ def _load_data(
         test = split("test")
         if train_l.labels is None or test.labels is None:
             train_l = test = None
-        elif len(train_l) > cfg.knn_max_train:
-            idx = np.random.default_rng(0).permutation(len(train_l))[: cfg.knn_max_train]
-            idx.sort()
-            train_l = ImageArrays(train_l.images[idx], train_l.labels[idx], train_l.classes)
+        else:
+            train_l = knn_bank(train_l, cfg.knn_max_train)
     return pretrain, train_l, test
 
 
-def _knn_monitor(
+def knn_bank(train_l: ImageArrays, max_train: int) -> ImageArrays:
+    """The kNN monitor's memory bank: ``train_l``, or a fixed random subset of ``max_train``
+    of its images (seed 0, in their order) when it holds more."""
+    if len(train_l) <= max_train:
+        return train_l
+    idx = np.sort(np.random.default_rng(0).permutation(len(train_l))[:max_train])
+    return ImageArrays(train_l.images[idx], train_l.labels[idx], train_l.classes)
+
+
+def knn_monitor(
     model: CARLModel,
     cfg: TrainConfig,
     train_l: ImageArrays,
     test: ImageArrays,
     device: torch.device,
 ) -> dict[str, float]:
+    """The kNN top-1 / top-5 the training loop logs: ``test`` classified by its neighbours
+    in ``train_l`` (the bank, see :func:`knn_bank`) with ``cfg.knn_k`` and ``cfg.knn_t``."""
     kw = dict(
         mean=cfg.augment.mean,
         std=cfg.augment.std,
@@ -645,7 +656,7 @@ def _train(
             and main
             and ((epoch + 1) % cfg.knn_every == 0 or final_epoch)
         ):
-            record.update(_knn_monitor(model, cfg, train_l, test, device))
+            record.update(knn_monitor(model, cfg, train_l, test, device))
         if not math.isfinite(record["loss"]):
             fp32 = " or use precision=fp32" if amp else ""
             raise FloatingPointError(
