@@ -70,6 +70,7 @@ __all__ = [
     "PretrainedCARL",
     "OnnxCARL",
     "save_pretrained",
+    "safetensors_bytes",
     "from_pretrained",
     "read_config",
     "load",
@@ -480,6 +481,27 @@ def _resolve_device(device: Any) -> torch.device:
     return dev
 
 
+def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
+    """``tensors`` and ``metadata`` as safetensors bytes that depend on them alone.
+
+    safetensors writes the header's ``__metadata__`` from a hash map, in an order that
+    changes from one call to the next, so the same weights would hash differently on every
+    export. Here the metadata keys are sorted (the header keeps its length and its padding).
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > n:  # cannot happen for the same content; keep what safetensors wrote
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
+
+
 def save_pretrained(
     model: CARLModel, directory: str | Path, config: ZooConfig, *, dtype: str = "float32"
 ) -> Path:
@@ -491,8 +513,6 @@ def save_pretrained(
     ``provenance["weights_dtype"]`` is set to ``dtype``. A ``model.onnx`` already in the
     folder is removed, since it would no longer match the weights.
     """
-    from safetensors.torch import save_file
-
     if dtype not in ("float32", "float16"):
         raise ValueError(f"dtype={dtype!r}: expected 'float32' or 'float16'")
     if not isinstance(model, CARLModel):
@@ -518,7 +538,8 @@ def save_pretrained(
     stale_onnx = directory / ONNX_NAME
     if stale_onnx.exists():
         stale_onnx.unlink()
-    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=meta))
+    data = safetensors_bytes(tensors, meta)
+    atomic_write(directory / WEIGHTS_NAME, lambda p: p.write_bytes(data))
     text = json.dumps(cfg.to_dict(), indent=2, sort_keys=False) + "\n"
     atomic_write_text(directory / CONFIG_NAME, text)
     return directory
