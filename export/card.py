@@ -351,6 +351,14 @@ def _results_section(ctx: CardContext) -> str:
         for r in ctx.results
     ]
     text = _table(("Result", "Dataset (split)", "Value", "How"), rows)
+    if any(r.protocol == "cluster" and r.metric == "acc" and r.measured for r in ctx.results):
+        k = ctx.architecture.get("num_prototypes")
+        text += (
+            "\n\nCluster accuracy matches prototypes to classes one-to-one (Hungarian): with "
+            f"more prototypes ({k}) than classes, the unmatched prototypes' images count as "
+            "errors, so it is low by construction. Purity maps each prototype to its majority "
+            "class; NMI and ARI compare the two partitions without a matching."
+        )
     commands = list(dict.fromkeys(r.command for r in ctx.results if r.measured and r.command))
     if commands:
         text += "\n\nThe commands that produced the measured values:\n\n```bash\n"

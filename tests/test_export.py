@@ -196,6 +196,16 @@ def test_card_credits_the_script_that_measured_a_result(run_dir: Path, tmp_path:
     assert "| 33.00% | `benchmarks/gpu_cifar10.py` (knn) |" in card
     assert command in card
     assert "--protocol knn --out RUN_DIR/eval.json" not in card
+    assert "Cluster accuracy matches" not in card  # no clustering result: no note on it
+
+    # A clustering result's Hungarian accuracy is explained where it is shown.
+    cluster = {"protocol": "cluster", "dataset": "npz", "acc": 11.0, "purity": 70.0,
+               "nmi": 0.4, "command": command, **_measured_on(run)}  # fmt: skip
+    (run / "eval.json").write_text(json.dumps([*evals, cluster]))
+    export_model(run, tmp_path / "m2", onnx=False)
+    card = (tmp_path / "m2" / "README.md").read_text()
+    assert "| 11.00% | `benchmarks/gpu_cifar10.py` (cluster) |" in card
+    assert "with more prototypes (10) than classes, the unmatched prototypes' images" in card
 
 
 def test_float16_export(run_dir: Path, tmp_path: Path) -> None:
