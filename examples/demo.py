@@ -39,7 +39,14 @@ def pick_model(tmp: Path) -> tuple[str, str, bool]:
 
     for name in registry.list_models():
         if registry.bundled_path(name) is not None:
-            return name, f"bundled zoo model {name} ({registry.get_entry(name).description})", True
+            entry = registry.get_entry(name)
+            measured = [
+                f"{label} {entry.metrics[key]:.1f}%"
+                for key, label in (("knn_top1", "kNN"), ("linear_top1", "linear"))
+                if isinstance(entry.metrics.get(key), float)
+            ]
+            scores = f"; {entry.dataset} test {', '.join(measured)}" if measured else ""
+            return name, f"bundled zoo model {name} ({entry.description}{scores})", True
     example = HERE / "models" / "carl-cifar10-cpu-w8"
     if (example / "config.json").is_file():
         return str(example), EXAMPLE_DESCRIPTION, True

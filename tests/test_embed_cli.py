@@ -196,7 +196,7 @@ def test_no_images_and_bad_model_are_clear_errors(model_dir: Path, tmp_path: Pat
     _ = Image.new("RGB", (8, 8)).save(tmp_path / "empty" / "x.png")
     res = run_catching(
         embed,
-        [str(tmp_path / "empty"), "--model", "carl-cifar10", "--out", str(tmp_path / "e.npz")],
+        [str(tmp_path / "empty"), "--model", "carl-cifar100", "--out", str(tmp_path / "e.npz")],
     )
     assert res.exit_code == 1 and "not published yet" in res.output
 
@@ -558,9 +558,15 @@ def test_list_and_info(model_dir: Path) -> None:
         line.startswith("carl-stl10 ") and "96px" in line and "unpublished" in line
         for line in lines
     )
-    res = CliRunner().invoke(info, ["carl-cifar10"])
+    # bundled in the package, with its measured kNN and linear top-1
+    row = ["carl-cifar10", "cifar10", "32px", "resnet18", "unpublished", "yes", "78.2", "83.2"]
+    assert any(line.split()[:8] == row for line in lines)
+    res = CliRunner().invoke(info, ["carl-cifar100"])
     assert res.exit_code == 0
-    assert "repo_id: carlzoo/carl-cifar10" in res.output and "not published yet" in res.output
+    assert "repo_id: carlzoo/carl-cifar100" in res.output and "not published yet" in res.output
+    res = CliRunner().invoke(info, ["carl-cifar10"])
+    assert res.exit_code == 0 and "not published yet" not in res.output
+    assert "bundled: " in res.output and "provenance.epochs: 200" in res.output
     res = CliRunner().invoke(info, [str(model_dir)])
     assert res.exit_code == 0
     assert "architecture.num_prototypes: 10" in res.output
