@@ -55,11 +55,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 import carlzoo
 from carlzoo.model import build_model
-from carlzoo.outputs import atomic_write, atomic_write_text
+from carlzoo.outputs import atomic_write, atomic_write_safetensors, atomic_write_text
 from carlzoo.training.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from carlzoo.training.config import ConfigError, config_to_dict, load_config
 from carlzoo.training.datasets import DatasetError, load_split
@@ -122,7 +121,7 @@ def shard_state(
     for i, shard in enumerate(shards):
         path = out / shard_name(i + 1, n)
         # a run killed mid-write keeps the previous shard
-        atomic_write(path, lambda tmp, shard=shard: save_file(shard, str(tmp), metadata=meta))
+        atomic_write_safetensors(path, shard, meta)
         paths.append(path)
     for p in out.glob("weights-*-of-*.safetensors"):
         m = SHARD_NAME.fullmatch(p.name)

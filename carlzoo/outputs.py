@@ -28,10 +28,12 @@ reader never sees a partial file and a failed run leaves no file behind.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,6 +42,7 @@ __all__ = [
     "OutputError",
     "atomic_write",
     "atomic_write_text",
+    "atomic_write_safetensors",
     "check_writable",
     "output_format",
     "write_embeddings",
@@ -116,6 +119,35 @@ def _atomic_write_group(files: Sequence[tuple[Path, Callable[[Path], None]]]) ->
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """:func:`atomic_write` of ``text`` as UTF-8."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    """``tensors`` and ``metadata`` as safetensors bytes that depend on them alone.
+
+    safetensors writes the header's ``__metadata__`` from a hash map, in an order that
+    changes from one call to the next, so the same tensors would hash differently on every
+    save. Here the metadata keys are sorted (the header keeps its length and its padding).
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    if "__metadata__" not in header:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > n:  # cannot happen for the same content; keep what safetensors wrote
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
+
+
+def atomic_write_safetensors(
+    path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> Path:
+    """:func:`atomic_write` of :func:`safetensors_bytes` (torch tensors, str metadata)."""
+    data = safetensors_bytes(tensors, metadata)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _umask() -> int:

@@ -55,7 +55,7 @@ from carlzoo import registry
 from carlzoo.devices import missing_cuda, parse_device
 from carlzoo.images import ImageTransform, read_image
 from carlzoo.model import CARLModel, ModelConfig
-from carlzoo.outputs import _umask, atomic_write, atomic_write_text
+from carlzoo.outputs import _umask, atomic_write_safetensors, atomic_write_text
 from carlzoo.registry import ZooError
 
 __all__ = [
@@ -70,7 +70,6 @@ __all__ = [
     "PretrainedCARL",
     "OnnxCARL",
     "save_pretrained",
-    "safetensors_bytes",
     "from_pretrained",
     "read_config",
     "load",
@@ -481,27 +480,6 @@ def _resolve_device(device: Any) -> torch.device:
     return dev
 
 
-def safetensors_bytes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
-    """``tensors`` and ``metadata`` as safetensors bytes that depend on them alone.
-
-    safetensors writes the header's ``__metadata__`` from a hash map, in an order that
-    changes from one call to the next, so the same weights would hash differently on every
-    export. Here the metadata keys are sorted (the header keeps its length and its padding).
-    """
-    from safetensors.torch import save
-
-    data = save(tensors, metadata=metadata)
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    if "__metadata__" not in header:
-        return data
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
-    if len(text) > n:  # cannot happen for the same content; keep what safetensors wrote
-        return data
-    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
-
-
 def save_pretrained(
     model: CARLModel, directory: str | Path, config: ZooConfig, *, dtype: str = "float32"
 ) -> Path:
@@ -538,8 +516,7 @@ def save_pretrained(
     stale_onnx = directory / ONNX_NAME
     if stale_onnx.exists():
         stale_onnx.unlink()
-    data = safetensors_bytes(tensors, meta)
-    atomic_write(directory / WEIGHTS_NAME, lambda p: p.write_bytes(data))
+    atomic_write_safetensors(directory / WEIGHTS_NAME, tensors, meta)
     text = json.dumps(cfg.to_dict(), indent=2, sort_keys=False) + "\n"
     atomic_write_text(directory / CONFIG_NAME, text)
     return directory

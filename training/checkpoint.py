@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from carlzoo.outputs import atomic_write
+from carlzoo.outputs import atomic_write_safetensors
 
 __all__ = [
     "Checkpoint",
@@ -89,7 +89,7 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     # atomic_write also gives the file the usual umask mode: safetensors alone creates 0600.
     metadata = {"carlzoo": json.dumps(meta)}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write_safetensors(path, tensors, metadata)
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:

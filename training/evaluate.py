@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carlzoo.model import CARLModel
-from carlzoo.outputs import atomic_write, atomic_write_text
+from carlzoo.outputs import atomic_write_safetensors, atomic_write_text
 from carlzoo.training.augment import AugmentConfig, BatchAugment
 from carlzoo.training.datasets import FOLDER_DATASETS
 from carlzoo.training.dist import resolve_device
@@ -205,11 +205,9 @@ def compute_features(model: CARLModel, images: np.ndarray, *, mean: Sequence[flo
     feats = extract_features(model, images, mean=mean, std=std, size=size,
                              batch_size=batch_size, layer=layer, device=dev)
     if path is not None:
-        from safetensors.torch import save_file
-
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: save_file({"features": feats.contiguous()}, str(tmp),
-                                                 metadata={"carlzoo_features": json.dumps(key)}))
+        atomic_write_safetensors(path, {"features": feats.contiguous()},
+                                 {"carlzoo_features": json.dumps(key)})
     return feats
 
 
