@@ -18,7 +18,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from hubserver import LocalHub
-from tiny import MODEL_FILES
+from tiny import MODEL_FILES, cli_error
 
 import carlzoo
 from carlzoo import registry
@@ -368,7 +368,7 @@ def test_results_with_other_settings_get_their_own_metric(run_dir: Path, tmp_pat
     res = export_model(run, tmp_path / "m2", onnx=False)
     assert res.metrics == expected
     (run / "eval-linear-npz.json").write_text(json.dumps(dict(evals[0], top1=81.0, **here)))
-    msg = _error(_cli(export, [str(run), "--out", str(tmp_path / "m3"), "--no-onnx"]))
+    msg = cli_error(_cli(export, [str(run), "--out", str(tmp_path / "m3"), "--no-onnx"]))
     assert str(run / "eval.json") in msg and str(run / "eval-linear-npz.json") in msg
     assert "Linear probe top-1 accuracy" in msg and "linear_top1" in msg and "81" in msg
     assert not (tmp_path / "m3").exists() and _no_leftovers(tmp_path) == []
@@ -451,19 +451,12 @@ def _cli(cmd, args: list[str]):
     return CliRunner().invoke(cmd, args, catch_exceptions=False)
 
 
-def _error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
-
-
 def test_export_without_checkpoint_is_refused(tmp_path: Path) -> None:
     (tmp_path / "empty_run").mkdir()
-    msg = _error(_cli(export, [str(tmp_path / "empty_run"), "--out", str(tmp_path / "m")]))
+    msg = cli_error(_cli(export, [str(tmp_path / "empty_run"), "--out", str(tmp_path / "m")]))
     assert "holds no checkpoint" in msg and "empty_run" in msg
     assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path) == []
-    msg = _error(_cli(export, [str(tmp_path / "nope"), "--out", str(tmp_path / "m")]))
+    msg = cli_error(_cli(export, [str(tmp_path / "nope"), "--out", str(tmp_path / "m")]))
     assert "not found" in msg
 
 
@@ -472,7 +465,7 @@ def test_export_of_corrupt_checkpoint_is_refused(run_dir: Path, tmp_path: Path) 
     shutil.copytree(run_dir, run)
     ckpt = run / "checkpoints" / "last.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:200])
-    msg = _error(_cli(export, [str(run), "--out", str(tmp_path / "m")]))
+    msg = cli_error(_cli(export, [str(run), "--out", str(tmp_path / "m")]))
     assert "last.safetensors" in msg and "safetensors" in msg
     assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path) == []
 
@@ -481,7 +474,7 @@ def test_existing_output_needs_overwrite(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "m"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    msg = _error(_cli(export, [str(run_dir), "--out", str(out), "--no-onnx"]))
+    msg = cli_error(_cli(export, [str(run_dir), "--out", str(out), "--no-onnx"]))
     assert "already exists" in msg and "--overwrite" in msg
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     result = _cli(export, [str(run_dir), "--out", str(out), "--no-onnx", "--overwrite"])
@@ -507,9 +500,9 @@ def test_out_may_not_replace_the_run_or_the_current_folder(
         (run, run / "checkpoints" / ".." / "checkpoints", "is the checkpoint's folder"),
     ]
     for source, out, what in cases:
-        msg = _error(_cli(export, [str(source), "--out", str(out), "--no-onnx", "--overwrite"]))
+        msg = cli_error(_cli(export, [str(source), "--out", str(out), "--no-onnx", "--overwrite"]))
         assert what in msg and "choose a folder outside the run" in msg, msg
-        msg = _error(_cli(export, [str(source), "--out", str(out), "--no-onnx"]))
+        msg = cli_error(_cli(export, [str(source), "--out", str(out), "--no-onnx"]))
         assert what in msg, msg  # not "pass --overwrite"
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
     # "." and ".." resolve to the current folder and its parent
@@ -517,7 +510,7 @@ def test_out_may_not_replace_the_run_or_the_current_folder(
     cwd.mkdir(parents=True)
     monkeypatch.chdir(cwd)
     for out, what in ((".", "is the current folder"), ("..", "is a parent of the current")):
-        msg = _error(_cli(export, [str(run), "--out", out, "--no-onnx", "--overwrite"]))
+        msg = cli_error(_cli(export, [str(run), "--out", out, "--no-onnx", "--overwrite"]))
         assert msg.startswith(f"Error: --out {out} {what}"), msg
     assert list(cwd.iterdir()) == [] and [p.name for p in cwd.parent.iterdir()] == ["b"]
     assert _no_leftovers(tmp_path) == [] and _no_leftovers(cwd.parent) == []
@@ -541,7 +534,7 @@ def test_float16_overflow_is_an_error(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     args = [str(source), "--out", str(out / "m"), "--dtype", "float16", "--no-onnx"]
-    msg = _error(_cli(export, args))
+    msg = cli_error(_cli(export, args))
     assert msg.startswith("Error: --dtype float16: the exported weights give non-finite")
     assert "backbone.bn1.bias" in msg and "--dtype float32" in msg
     assert list(out.iterdir()) == []
@@ -590,7 +583,7 @@ def test_failed_onnx_export_leaves_nothing(
         raise RuntimeError("exporter exploded\nwith a long traceback")
 
     monkeypatch.setattr(carlzoo.export.repo, "export_onnx", broken)
-    msg = _error(_cli(export, [str(run_dir), "--out", str(tmp_path / "m")]))
+    msg = cli_error(_cli(export, [str(run_dir), "--out", str(tmp_path / "m")]))
     assert "ONNX export (opset 18) failed: RuntimeError: exporter exploded with" in msg
     assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path) == []
 
@@ -603,7 +596,7 @@ def test_an_opset_the_exporter_cannot_write_is_refused_before_any_work(
     newest = onnx.defs.onnx_opset_version()
     for opset in (0, 17, newest + 1):  # torch.onnx would write 18 for each of them
         args = [str(run_dir), "--out", str(tmp_path / "m"), "--opset", str(opset)]
-        msg = _error(_cli(export, args))
+        msg = cli_error(_cli(export, args))
         assert msg == (
             f"Error: --opset {opset} cannot be exported: use 18 to {newest} (the exporter's "
             "oldest, the installed onnx's newest; default 18)"
@@ -641,13 +634,13 @@ def test_push_without_token_fails_before_any_request(
 ) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
     before = len(local_hub.requests)
-    msg = _error(_cli(push, [str(exported.out_dir), "--repo-id", "test/no-token"]))
+    msg = cli_error(_cli(push, [str(exported.out_dir), "--repo-id", "test/no-token"]))
     assert "no Hugging Face token" in msg and "--token" in msg and "HF_TOKEN" in msg
     assert len(local_hub.requests) == before
 
 
 def test_push_refuses_a_folder_that_is_not_a_model(tmp_path: Path) -> None:
-    msg = _error(_cli(push, [str(tmp_path), "--repo-id", "test/x", "--token", "t"]))
+    msg = cli_error(_cli(push, [str(tmp_path), "--repo-id", "test/x", "--token", "t"]))
     assert "not an exported model folder" in msg
 
 
@@ -658,10 +651,10 @@ def test_push_refuses_a_broken_config_before_any_request(
     shutil.copytree(exported.out_dir, folder)
     before = len(local_hub.requests)
     (folder / "config.json").write_text('{"format": "carlzoo/1", "name": ')  # cut short
-    msg = _error(_cli(push, [str(folder), "--repo-id", "test/broken", "--token", "t"]))
+    msg = cli_error(_cli(push, [str(folder), "--repo-id", "test/broken", "--token", "t"]))
     assert f"cannot read {folder / 'config.json'}" in msg and "carlzoo export" in msg
     (folder / "config.json").write_text('{"format": "carlzoo/0"}')
-    msg = _error(_cli(push, [str(folder), "--repo-id", "test/broken", "--token", "t"]))
+    msg = cli_error(_cli(push, [str(folder), "--repo-id", "test/broken", "--token", "t"]))
     assert "config format 'carlzoo/0' is not supported" in msg
     assert len(local_hub.requests) == before
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from hubserver import LocalHub
-from tiny import MODEL_FILES
+from tiny import MODEL_FILES, cli_error
 
 from carlzoo.cli.export_cmd import push
 from carlzoo.export.repo import export_model
@@ -51,17 +51,10 @@ def _cli(args: list[str]):
     return CliRunner().invoke(push, args, catch_exceptions=False)
 
 
-def _error(result) -> str:
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
-
-
 def _refused(local_hub: LocalHub, folder: Path, repo_id: str, *extra: str) -> str:
     """Push ``folder``; assert it is refused in one line and nothing reached the Hub."""
     before = len(local_hub.requests)
-    msg = _error(_cli([str(folder), "--repo-id", repo_id, "--token", "hf_test", *extra]))
+    msg = cli_error(_cli([str(folder), "--repo-id", repo_id, "--token", "hf_test", *extra]))
     assert len(local_hub.requests) == before, local_hub.requests[before:]
     return msg
 
@@ -193,7 +186,7 @@ def test_private_push_to_an_existing_public_repo_is_refused(
 
     repo_id = "test/public-already"
     head = local_hub.add_repo_files(repo_id, {"notes.md": b"public"})
-    msg = _error(_cli([str(folder), "--repo-id", repo_id, "--token", "t", "--private"]))
+    msg = cli_error(_cli([str(folder), "--repo-id", repo_id, "--token", "t", "--private"]))
     assert msg == (
         f"Error: --private: the existing repository {repo_id} is public, so the model would "
         "be public; make the repository private on the Hub (Settings) first, or push without "
@@ -216,7 +209,7 @@ def test_private_push_when_the_hub_does_not_say_it_is_private_is_refused(
     repo_id = "test/visibility-unknown"
     head = local_hub.add_repo_files(repo_id, {"notes.md": b"?"})
     monkeypatch.setattr(HfApi, "repo_info", lambda self, *a, **k: SimpleNamespace(private=None))
-    msg = _error(_cli([str(folder), "--repo-id", repo_id, "--token", "t", "--private"]))
+    msg = cli_error(_cli([str(folder), "--repo-id", repo_id, "--token", "t", "--private"]))
     assert f"the existing repository {repo_id} does not say it is private" in msg
     assert local_hub.head(repo_id) == head
 

@@ -48,3 +48,11 @@ MODEL_FILES = frozenset(
         "training_config.json",
     }
 )
+
+
+def cli_error(result) -> str:
+    """The one line a click command that failed on bad input printed (exit status 1)."""
+    assert result.exit_code == 1, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
