@@ -4,9 +4,7 @@
 #
 #   DATA=path/to/cifar10_webp90.npz bash benchmarks/gpu_run.sh
 #
-# STEP=train (default) trains, evaluates and writes metrics + weight shards: 6 files. It
-# refuses an OUT that holds an earlier run's files (train.log, config.yaml, metrics.json,
-# metrics.jsonl, weight shards, run/): choose another OUT or empty it.
+# STEP=train (default) trains, evaluates and writes metrics + weight shards: 6 files.
 # STEP=throughput measures model-only vs carlzoo vs DataLoader at batch 512: 2 files.
 # STEP=sweep compares recipe variants for EPOCHS epochs each: 2 files, e.g.
 #   STEP=sweep EPOCHS=40 VARIANTS="base lr0.3:optim.lr=0.3 k300:model.num_prototypes=300"
@@ -15,25 +13,38 @@
 # it ends training early, evaluates and says so when the recipe would not fit. EPOCHS
 # shortens the schedule itself (default: the recipe's 200 epochs). SETS="key=value ..." changes
 # the recipe (train and sweep), e.g. SETS="optim.lr=0.3 model.num_prototypes=300".
+# Each step refuses an OUT that already holds a file it would write (an earlier result would
+# be overwritten, or joined with this one): choose another OUT or empty it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 DATA=${DATA:?set DATA to a CIFAR-10 .npz}
 STEP=${STEP:-train}
-if [ "$STEP" = train ]; then
-    # Checked before tee replaces train.log: two runs' files in one OUT would be joined as one.
-    held=""
-    for f in "$OUT"/train.log "$OUT"/config.yaml "$OUT"/metrics.json "$OUT"/metrics.jsonl \
-        "$OUT"/run "$OUT"/weights-*-of-*.safetensors; do
+# What each step writes in OUT, checked before tee replaces its log: an earlier result would
+# be lost, and two training runs' files in one OUT would be joined as one.
+case "$STEP" in
+    train)
+        writes=(train.log config.yaml metrics.json metrics.jsonl run "weights-*-of-*.safetensors")
+        ;;
+    throughput) writes=(throughput.txt throughput.json) ;;
+    sweep) writes=(sweep.log sweep.json) ;;
+    *)
+        echo "gpu_run.sh: STEP=$STEP: expected train, throughput or sweep" >&2
+        exit 2
+        ;;
+esac
+held=""
+for name in "${writes[@]}"; do
+    for f in "$OUT"/$name; do
         if [ -e "$f" ]; then
             held="$held ${f##*/}"
         fi
     done
-    if [ -n "$held" ]; then
-        echo "gpu_run.sh: OUT=$OUT holds an earlier run's files:$held; choose another OUT or" \
-            "empty it" >&2
-        exit 2
-    fi
+done
+if [ -n "$held" ]; then
+    echo "gpu_run.sh: OUT=$OUT holds an earlier $STEP result:$held; choose another OUT or" \
+        "empty it" >&2
+    exit 2
 fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -74,10 +85,6 @@ case "$STEP" in
                 --time-limit "${TIME_LIMIT:-540}" --epochs "${EPOCHS:?set EPOCHS}" \
                 "${args[@]}" "${sets[@]}"
         } 2>&1 | tee "$OUT/sweep.log"
-        ;;
-    *)
-        echo "STEP=$STEP: expected train, throughput or sweep" >&2
-        exit 2
         ;;
 esac
 # Results small enough to copy off a machine that limits them: at most 8 files of 16 MiB.

@@ -182,6 +182,8 @@ def main() -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out} is not a folder")
+    if (out / "sweep.json").exists():  # an earlier sweep's table would be overwritten
+        p.error(f"--out {out} holds an earlier sweep.json; choose another --out or move it")
     # Every variant's config, as run_variant builds it, is valid before data is read or
     # anything runs.
     for name, changes in args.variants:

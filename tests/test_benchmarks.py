@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tiny import random_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,9 +302,47 @@ def test_gpu_cifar10_refuses_an_out_holding_an_earlier_run(tmp_path):
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "holds an earlier run's files: train.log; choose another OUT" in _last_line(result)
+    assert "holds an earlier train result: train.log; choose another OUT" in _last_line(result)
     assert (out / "train.log").read_text() == "the earlier run's log\n"
     assert sorted(p.name for p in out.iterdir()) == ["train.log"]
+
+
+@pytest.mark.parametrize(
+    ("step", "earlier"),
+    [("sweep", "sweep.json"), ("sweep", "sweep.log"), ("throughput", "throughput.json")],
+)
+def test_gpu_run_refuses_an_out_holding_an_earlier_result_of_its_step(tmp_path, step, earlier):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / earlier).write_text("earlier result\n")
+    env = {**os.environ, "DATA": str(tmp_path / "unused.npz"), "OUT": str(out), "STEP": step,
+           "EPOCHS": "1", "VARIANTS": "base"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert _last_line(result) == (
+        f"gpu_run.sh: OUT={out} holds an earlier {step} result: {earlier}; choose another OUT "
+        "or empty it"
+    )
+    assert [p.name for p in out.iterdir()] == [earlier]
+    assert (out / earlier).read_text() == "earlier result\n"
+
+
+def test_gpu_sweep_refuses_an_out_holding_an_earlier_sweep(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sweep.json").write_text("{}")
+    result = _run_script(
+        str(ROOT / "benchmarks" / "gpu_sweep.py"), "--data", str(tmp_path / "unused.npz"),
+        "--out", str(out), "--epochs", "1", "--variant", "base",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert _last_line(result).endswith(
+        f"--out {out} holds an earlier sweep.json; choose another --out or move it"
+    )
+    assert (out / "sweep.json").read_text() == "{}"
 
 
 def test_gpu_sweep_compares_variants_records_collapse_and_keeps_to_its_time(tmp_path):
