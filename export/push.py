@@ -7,13 +7,13 @@ one commit that makes the branch mirror the folder (files no longer in it are de
 what ``carlzoo/registry.py`` pins. :func:`registry_snippet` prints that entry as Python.
 
 Refused before any network call, in one line: no token (neither ``token`` nor ``HF_TOKEN``
-nor a saved login), and a folder that is not a complete ``carlzoo export`` folder: it must
-hold config.json, model.safetensors, README.md (the card), training_config.json and
-metrics.json, and model.onnx exactly when config.json records an ONNX export
-(``provenance.onnx_opset``); nothing else (no hidden file such as ``.env``, no other file
-or folder: only these files are ever uploaded); and it must load with
-:func:`carlzoo.pretrained.from_pretrained` (torch on the CPU, and onnx when model.onnx is
-there, whose outputs must match PyTorch's as ``carlzoo export`` checked them). With
+nor a saved login), a ``revision`` that is not a git branch name, and a folder that is not a
+complete ``carlzoo export`` folder: it must hold config.json, model.safetensors, README.md
+(the card), training_config.json and metrics.json, and model.onnx exactly when config.json
+records an ONNX export (``provenance.onnx_opset``); nothing else (no hidden file such as
+``.env``, no other file or folder: only these files are ever uploaded); and it must load
+with :func:`carlzoo.pretrained.from_pretrained` (torch on the CPU, and onnx when model.onnx
+is there, whose outputs must match PyTorch's as ``carlzoo export`` checked them). With
 ``private=True`` an existing public repository is refused before anything is uploaded.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,32 @@ def _config(model_dir: Path) -> ZooConfig:
         raise PushError(f"{e}; export the model again with `carlzoo export`") from None
 
 
+_SHA = re.compile(r"[0-9a-f]{40}")
+_REF_BAD = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def _branch_problem(branch: str) -> str | None:
+    """Why ``branch`` cannot name a git branch on the Hub (git check-ref-format), or None."""
+    if not branch:
+        return "it is empty"
+    if branch.startswith("refs/"):
+        return "it is a full ref; give the branch name alone"
+    if _SHA.fullmatch(branch):
+        return "it is a commit sha, and a push goes to a branch"
+    bad = _REF_BAD.search(branch)
+    if bad:
+        char = "a space" if bad.group() == " " else repr(bad.group())
+        return f"it contains {char}"
+    for part, why in (("..", "'..'"), ("@{", "'@{'"), ("//", "'//'")):
+        if part in branch:
+            return f"it contains {why}"
+    if branch == "@" or branch.startswith(("-", "/")) or branch.endswith(("/", ".")):
+        return "git does not allow that name"
+    if any(c.startswith(".") or c.endswith(".lock") for c in branch.split("/")):
+        return "a part of it starts with '.' or ends with '.lock'"
+    return None
+
+
 def push_model(
     model_dir: str | Path,
     repo_id: str,
@@ -215,7 +242,12 @@ def push_model(
     cfg = _check_model_dir(model_dir)
     if not REPO_ID.match(repo_id):
         raise PushError(f"--repo-id {repo_id!r} is not of the form ORG/NAME")
-    branch = revision or "main"
+    branch = "main" if revision is None else revision
+    why = _branch_problem(branch)
+    if why:
+        raise PushError(
+            f"--revision {branch!r} is not a branch name ({why}); use one such as main or v1"
+        )
     tok = resolve_token(token)
     if not tok:
         raise PushError(

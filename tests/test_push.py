@@ -214,6 +214,39 @@ def test_private_push_when_the_hub_does_not_say_it_is_private_is_refused(
     assert local_hub.head(repo_id) == head
 
 
+# ---- --revision must name a branch, checked before the repository is created -------------------
+
+
+@pytest.mark.parametrize(
+    ("revision", "why"),
+    [
+        ("", "it is empty"),
+        ("my branch", "it contains a space"),
+        ("v1..v2", "it contains '..'"),
+        ("feat:x", "it contains ':'"),
+        ("release/", "git does not allow that name"),
+        ("-f", "git does not allow that name"),
+        ("x/.hidden", "a part of it starts with '.' or ends with '.lock'"),
+        ("refs/heads/dev", "it is a full ref; give the branch name alone"),
+        ("0123456789abcdef0123456789abcdef01234567",
+         "it is a commit sha, and a push goes to a branch"),
+    ],
+)
+def test_a_revision_that_is_not_a_branch_name_is_refused_before_any_request(
+    folder: Path, local_hub: LocalHub, revision: str, why: str
+) -> None:
+    repo_id = "test/bad-revision"
+    msg = _refused(local_hub, folder, repo_id, "--revision", revision)
+    assert msg == (
+        f"Error: --revision {revision!r} is not a branch name ({why}); use one such as main or v1"
+    )
+
+
+def test_a_branch_name_with_a_slash_is_pushed(folder: Path, local_hub: LocalHub) -> None:
+    sha = _pushed(folder, "test/slash-branch", "--revision", "release/v1")
+    assert local_hub.head("test/slash-branch", "release/v1") == sha
+
+
 def test_a_complete_folder_is_still_published(folder: Path, local_hub: LocalHub) -> None:
     repo_id = "test/complete"
     sha = _pushed(folder, repo_id)
