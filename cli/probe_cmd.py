@@ -11,6 +11,21 @@ import click
 _PROTOCOLS = ("knn", "linear", "semi1", "semi10", "finetune", "cluster")
 
 
+class _WeightDecay(click.ParamType):
+    name = "FLOAT|auto"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float | str:
+        if isinstance(value, float) or value == "auto":
+            return value
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not number >= 0 or number == float("inf"):
+            self.fail(f"{value!r} is not a number >= 0 or 'auto'", param, ctx)
+        return number
+
+
 def _table(result: dict[str, Any]) -> str:
     keys = ["protocol", "model", "model_train_dataset", "dataset", "n_train", "n_test",
             "top1", "top5", "nmi", "ari", "acc", "purity", "prototypes_used", "n_labelled",
@@ -56,13 +71,18 @@ def _check_out(out_path: str) -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Fine-tuning epochs (semi1 60, semi10 30, finetune 30 by default).")
 @click.option("--seed", type=int, default=0, show_default=True,
-              help="Seed of the labelled subset and of fine-tuning.")
+              help="Seed of the labelled subset, of fine-tuning and of --weight-decay auto's "
+                   "held-out split.")
 @click.option("--layer", type=click.Choice(["backbone", "projection"]), default="backbone",
               show_default=True, help="Features to probe.")
 @click.option("--k", "k", type=click.IntRange(min=1), default=200, show_default=True,
               help="kNN neighbours.")
 @click.option("--t", "t", type=click.FloatRange(min=0, min_open=True), default=0.1,
               show_default=True, help="kNN temperature.")
+@click.option("--weight-decay", "weight_decay", type=_WeightDecay(), default="1e-4",
+              show_default=True,
+              help="Linear probe L2 weight decay, or 'auto': the best of 1e-6..0.1 on a "
+                   "class-balanced 10% of the train split held out (drawn with --seed).")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Cache frozen features (.safetensors) in this folder.")
 @click.option("--resize", is_flag=True,
@@ -70,13 +90,14 @@ def _check_out(out_path: str) -> None:
 @click.option("--download", is_flag=True, help="Download the dataset if it is missing.")
 def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path: str | None,
           device: str, batch_size: int, epochs: int | None, seed: int, layer: str, k: int,
-          t: float, cache_dir: str | None, resize: bool, download: bool) -> None:
+          t: float, weight_decay: float | str, cache_dir: str | None, resize: bool,
+          download: bool) -> None:
     """Evaluate an encoder on a labelled dataset.
 
     \b
     carlzoo probe --model runs/c10 --dataset cifar10 --data-root data/ --protocol knn
     carlzoo probe --model carl-cifar10 --dataset cifar100 --data-root data/ \\
-        --protocol linear --cache feats/ --out c10_to_c100.json
+        --protocol linear --weight-decay auto --cache feats/ --out c10_to_c100.json
     """
     if out_path is not None:
         _check_out(out_path)
@@ -88,7 +109,7 @@ def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path
         result = evaluate.run_probe(model_spec, dataset, data_root, protocol, layer=layer, k=k,
                                     t=t, epochs=epochs, seed=seed, batch_size=batch_size,
                                     device=device, cache_dir=cache_dir, resize=resize,
-                                    download=download)
+                                    download=download, weight_decay=weight_decay)
     except (evaluate.ProbeError, DatasetError, CheckpointError, ValueError) as e:
         # ValueError includes ZooError (carlzoo.load) and config errors: one-line messages.
         raise click.ClickException(" ".join(str(e).split())) from None

@@ -108,11 +108,12 @@ _PROBE_DEFAULTS: dict[str, Any] = {
     "t": 0.1,
     "seed": 0,
     "batch_size": 256,
+    "weight_decay": 1e-4,
 }
 _DEFAULT_EPOCHS: dict[str, int] = {"semi1": 60, "semi10": 30, "finetune": 30}
 _DISTINGUISHING: dict[str, tuple[str, ...]] = {  # the settings that change a protocol's number
     "knn": ("layer", "k", "t"),
-    "linear": ("layer",),
+    "linear": ("layer", "weight_decay"),  # and seed, when the weight decay was chosen
     "semi1": ("layer", "epochs", "seed", "batch_size"),
     "semi10": ("layer", "epochs", "seed", "batch_size"),
     "finetune": ("layer", "epochs", "seed", "batch_size"),
@@ -125,6 +126,7 @@ _FLAGS = {
     "epochs": "--epochs",
     "seed": "--seed",
     "batch_size": "--batch-size",
+    "weight_decay": "--weight-decay",
 }
 _OUTPUT_NAMES = ("features", "projection", "logits")
 
@@ -281,9 +283,14 @@ def _settings_of(ev: dict[str, Any]) -> dict[str, Any]:
     """The settings of ``ev`` that change its number and differ from `carlzoo probe`'s
     defaults, in a fixed order (empty for default settings)."""
     protocol = ev["protocol"]
-    settings = ev.get("settings") if isinstance(ev.get("settings"), dict) else {}
+    settings = dict(ev["settings"]) if isinstance(ev.get("settings"), dict) else {}
+    keys = _DISTINGUISHING.get(protocol, ("layer",))
+    if protocol == "linear" and isinstance(settings.get("weight_decay_selection"), dict):
+        # `--weight-decay auto`: chosen on held-out training rows that the seed draws
+        settings["weight_decay"] = "auto"
+        keys = (*keys, "seed")
     out: dict[str, Any] = {}
-    for key in _DISTINGUISHING.get(protocol, ("layer",)):
+    for key in keys:
         if key not in settings:
             continue
         default = _DEFAULT_EPOCHS.get(protocol) if key == "epochs" else _PROBE_DEFAULTS[key]
@@ -297,7 +304,9 @@ def _setting_parts(settings: dict[str, Any]) -> list[str]:
     parts = []
     for key, v in settings.items():
         text = f"{v:g}" if isinstance(v, float) else str(v)
-        prefix = {"layer": "", "batch_size": "bs", "epochs": "ep"}.get(key, key)
+        prefix = {"layer": "", "batch_size": "bs", "epochs": "ep", "weight_decay": "wd"}.get(
+            key, key
+        )
         parts.append(re.sub(r"[^A-Za-z0-9.+-]", "_", prefix + text))
     return parts
 

@@ -121,12 +121,82 @@ def test_knn_eval_runs_on_the_device_asked_for():
         evaluate.knn_eval(xtr, ytr, xte, yte, device="gpu")
 
 
-def test_linear_eval_is_fast_on_cifar_sized_features():
+def test_linear_eval_preconditioning_reaches_the_same_optimum_in_fewer_iterations():
+    # Features on very different scales and correlated: plain L-BFGS crawls, whitened does not.
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(20000, 512)).astype(np.float32)
-    y = rng.integers(0, 10, 20000)
-    res = evaluate.linear_eval(x, y, x[:1000], y[:1000])
-    assert res["fit_time_s"] < 20.0 and res["iterations"] <= 300
+    z = rng.normal(size=(3000, 64))
+    x = (z @ rng.normal(size=(64, 64)) * np.logspace(0, 1, 64)).astype(np.float32)
+    y = (z[:, :4] @ rng.normal(size=(4, 5))).argmax(1)
+    kw = dict(standardize=False, weight_decay=1e-2, max_iter=3000)
+    plain = evaluate.linear_eval(x, y, x, y, precondition=False, **kw)
+    fast = evaluate.linear_eval(x, y, x, y, precondition=True, **kw)
+    assert fast["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
+    assert fast["iterations"] * 5 < plain["iterations"] < 3000  # both converged
+
+
+# ---- the weight decay chosen on held-out training rows --------------------------------------
+
+
+def test_select_weight_decay_fits_on_the_rest_and_scores_on_a_balanced_held_out_split(
+    monkeypatch,
+):
+    x, y = _blobs(20, n_classes=5)
+    calls = []
+    scripted = {1e-5: 60.0, 1e-3: 80.0, 1e-1: 70.0}
+
+    def fake_linear_eval(xtr, ytr, xte, yte, *, weight_decay, **kw):
+        calls.append((xtr, ytr, xte, yte))
+        return {"top1": scripted[weight_decay]}
+
+    monkeypatch.setattr(evaluate, "linear_eval", fake_linear_eval)
+    sel = evaluate.select_weight_decay(x, y, grid=(1e-5, 1e-3, 1e-1), val_fraction=0.2, seed=3)
+    assert sel["weight_decay"] == 1e-3 and sel["val_top1"] == [60.0, 80.0, 70.0]
+    assert sel["grid"] == [1e-5, 1e-3, 1e-1] and (sel["seed"], sel["n_val"]) == (3, 20)
+    held = evaluate.balanced_subset(y, 0.2, seed=3)
+    for xtr, ytr, xte, yte in calls:  # the same split for every value
+        assert torch.equal(xte, torch.from_numpy(x[held]))
+        assert yte.tolist() == y[held].tolist()
+        assert xtr.shape[0] == 80 and ytr.numel() == 80
+        rows = {tuple(r) for r in xtr.tolist()}
+        assert not rows & {tuple(r) for r in x[held].tolist()}
+    assert np.bincount(y[held], minlength=5).tolist() == [4] * 5
+
+
+def test_select_weight_decay_breaks_ties_towards_more_regularisation():
+    x, y = _blobs(30, n_classes=3)  # far apart: every value scores 100%
+    sel = evaluate.select_weight_decay(x, y, grid=(1e-6, 1e-2, 1e-4))
+    assert sel["val_top1"] == [100.0, 100.0, 100.0] and sel["weight_decay"] == 1e-2
+
+
+def test_select_weight_decay_prefers_regularisation_where_the_probe_overfits():
+    rng = np.random.default_rng(0)
+
+    def make(n):  # 300 features, one of them informative: 400 fitting rows overfit
+        y = rng.integers(0, 2, n)
+        x = rng.normal(size=(n, 300)).astype(np.float32)
+        x[:, 0] += (2 * y - 1) * 1.5
+        return x, y
+
+    x, y = make(500)
+    xt, yt = make(4000)
+    sel = evaluate.select_weight_decay(x, y, grid=(1e-6, 1e-1), val_fraction=0.2)
+    assert sel["weight_decay"] == 1e-1 and sel["val_top1"][1] > sel["val_top1"][0]
+    weak = evaluate.linear_eval(x, y, xt, yt, weight_decay=1e-6)["top1"]
+    chosen = evaluate.linear_eval(x, y, xt, yt, weight_decay=sel["weight_decay"])["top1"]
+    assert chosen > weak + 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"grid": ()}, "grid must hold weight decays >= 0, got []"),
+     ({"grid": (1e-4, -1.0)}, "grid must hold weight decays >= 0, got [0.0001, -1.0]"),
+     ({"val_fraction": 1.0}, "val_fraction must be in (0, 1), got 1.0")],
+)
+def test_select_weight_decay_refuses_bad_settings(kwargs, message):
+    x, y = _blobs(4)
+    with pytest.raises(ValueError) as e:
+        evaluate.select_weight_decay(x, y, **kwargs)
+    assert str(e.value) == message
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +375,42 @@ def test_cli_names_the_option_out_of_range(tmp_path, option, value, range_):
                                      "--out", str(out), option, value])
     assert res.exit_code == 2
     assert f"Invalid value for '{option}': {value}" in res.output and range_ in res.output
+    assert not out.exists()
+
+
+def test_cli_linear_probe_with_the_weight_decay_chosen_on_held_out_rows(tiny_run, tmp_path):
+    run, data = tiny_run
+    out = tmp_path / "res.json"
+    res = CliRunner().invoke(probe, ["--model", str(run), "--dataset", "npz", "--data-root",
+                                     str(data), "--protocol", "linear", "--out", str(out),
+                                     "--device", "cpu", "--weight-decay", "auto", "--seed", "2"])
+    assert res.exit_code == 0, res.output
+    settings = json.loads(out.read_text())["settings"]
+    sel = settings["weight_decay_selection"]
+    assert sel["grid"] == list(evaluate.WEIGHT_DECAY_GRID) and len(sel["val_top1"]) == 11
+    assert (sel["seed"], sel["val_fraction"], sel["n_val"]) == (2, 0.1, 4)  # 1 of 12 per class
+    best = max(sel["val_top1"])
+    assert settings["weight_decay"] == max(
+        wd for wd, acc in zip(sel["grid"], sel["val_top1"], strict=True) if acc == best
+    )
+    # A number is used as it is, with no selection.
+    res = CliRunner().invoke(probe, ["--model", str(run), "--dataset", "npz", "--data-root",
+                                     str(data), "--protocol", "linear", "--out", str(out),
+                                     "--device", "cpu", "--weight-decay", "0.02"])
+    assert res.exit_code == 0, res.output
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["weight_decay"] == 0.02 and "weight_decay_selection" not in settings
+
+
+@pytest.mark.parametrize("value", ["often", "-1", "nan", "inf"])
+def test_cli_refuses_a_weight_decay_that_is_neither_a_number_nor_auto(tmp_path, value):
+    out = tmp_path / "res.json"
+    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
+                                     "--data-root", str(tmp_path), "--protocol", "linear",
+                                     "--out", str(out), "--weight-decay", value])
+    assert res.exit_code == 2
+    assert (f"Invalid value for '--weight-decay': {value!r} is not a number >= 0 or 'auto'"
+            in res.output)
     assert not out.exists()
 
 

@@ -374,6 +374,38 @@ def test_results_with_other_settings_get_their_own_metric(run_dir: Path, tmp_pat
     assert not (tmp_path / "m3").exists() and _no_leftovers(tmp_path) == []
 
 
+def test_a_linear_probe_with_another_weight_decay_gets_its_own_metric_and_command(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    here = _measured_on(run)
+    selection = {"grid": [1e-4, 1e-2], "val_top1": [70.0, 75.0], "val_fraction": 0.1,
+                 "seed": 2, "n_val": 5}
+    evals = [
+        {"protocol": "linear", "dataset": "npz", "top1": 80.0,
+         "settings": {"layer": "backbone", "weight_decay": 1e-4, "seed": 0}},
+        {"protocol": "linear", "dataset": "npz", "top1": 82.0,
+         "settings": {"layer": "backbone", "weight_decay": 0.01, "seed": 2,
+                      "weight_decay_selection": selection}},
+        {"protocol": "linear", "dataset": "npz", "top1": 78.0,
+         "settings": {"layer": "backbone", "weight_decay": 0.003, "seed": 0}},
+    ]
+    (run / "eval.json").write_text(json.dumps([dict(e, **here) for e in evals]))
+    res = export_model(run, tmp_path / "m", onnx=False)
+    assert res.metrics == {
+        "linear_top1": 80.0, "linear_wdauto_seed2_top1": 82.0, "linear_wd0.003_top1": 78.0
+    }  # fmt: skip
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "Linear probe top-1 accuracy (weight_decay=auto, seed=2)" in card
+    base = "carlzoo probe --model RUN_DIR --dataset npz --data-root DATA --protocol linear"
+    assert (
+        f"{base} --weight-decay auto --seed 2 --out RUN_DIR/eval-linear-npz-wdauto-seed2.json\n"
+        in card
+    )
+    assert f"{base} --weight-decay 0.003 --out RUN_DIR/eval-linear-npz-wd0.003.json\n" in card
+
+
 def test_card_commands_reproduce_the_settings_and_keep_other_results(
     run_dir: Path, tmp_path: Path
 ) -> None:
