@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from carlzoo.training.augment import AugmentConfig
+from carlzoo.training.augment import AugmentConfig, BatchAugment
 from carlzoo.training.data import (
     DataLoaderPipeline,
+    DeviceImageStore,
     DevicePipeline,
     epoch_permutation,
     rank_batches,
@@ -80,3 +81,21 @@ def test_device_views_differ_between_ranks():
         for r in (0, 1)
     ]
     assert not torch.equal(*views)
+
+
+def test_the_store_keeps_the_images_as_given_and_gathers_nchw_views():
+    images = _images(10, size=6)
+    store = DeviceImageStore(images, CPU, budget_bytes=8e9)
+    assert store.data.data_ptr() == images.ctypes.data  # no copy, in no other layout
+    out = store.gather(torch.tensor([7, 0, 3]))
+    assert out.shape == (3, 3, 6, 6) and out.dtype == torch.uint8
+    assert torch.equal(out, torch.from_numpy(images[[7, 0, 3]]).permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match=r"expected \(N, H, W, 3\) uint8 images, got \(10, 3, 6"):
+        DeviceImageStore(np.ascontiguousarray(images.transpose(0, 3, 1, 2)), CPU, 8e9)
+
+
+def test_views_do_not_depend_on_the_memory_layout_of_the_batch():
+    x = torch.from_numpy(_images(8, size=32)).permute(0, 3, 1, 2)  # as the store gathers it
+    augment = BatchAugment(AugmentConfig(blur_p=0.5), 32)
+    views = [augment(b, generator=torch.Generator().manual_seed(0)) for b in (x, x.contiguous())]
+    assert torch.equal(*views)
