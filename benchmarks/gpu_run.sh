@@ -5,7 +5,8 @@
 #   DATA=path/to/cifar10_webp90.npz bash benchmarks/gpu_run.sh
 #
 # STEP=train (default) trains, evaluates and writes metrics + weight shards: 6 files.
-# STEP=throughput measures model-only vs carlzoo vs DataLoader at batch 512: 2 files.
+# STEP=throughput measures model-only vs carlzoo vs DataLoader at batch 512, and what one
+# augmentation call costs next to a training step (augment_cost.py): 3 files.
 # STEP=sweep compares recipe variants for EPOCHS epochs each: 2 files, e.g.
 #   STEP=sweep EPOCHS=40 VARIANTS="base lr0.3:optim.lr=0.3 k300:model.num_prototypes=300"
 # EPOCHS must exceed the recipe's warm-up (10 epochs), else add SETS="optim.warmup_epochs=N".
@@ -26,7 +27,7 @@ case "$STEP" in
     train)
         writes=(train.log config.yaml metrics.json metrics.jsonl run "weights-*-of-*.safetensors")
         ;;
-    throughput) writes=(throughput.txt throughput.json) ;;
+    throughput) writes=(throughput.txt throughput.json augment_cost.json) ;;
     sweep) writes=(sweep.log sweep.json) ;;
     *)
         echo "gpu_run.sh: STEP=$STEP: expected train, throughput or sweep" >&2
@@ -72,6 +73,8 @@ case "$STEP" in
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
             timeout 300 python3 benchmarks/train_throughput.py --data "$DATA" --batch-size 512 \
                 --workers 16 --json "$OUT/throughput.json"
+            timeout 120 python3 benchmarks/augment_cost.py --device cuda \
+                --json "$OUT/augment_cost.json"
         } 2>&1 | tee "$OUT/throughput.txt"
         ;;
     sweep)

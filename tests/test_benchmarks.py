@@ -40,6 +40,23 @@ def test_train_throughput_cpu_smoke(tmp_path):
     assert all(v["images_per_s"] > 0 for v in figures.values())
 
 
+def test_augment_cost_counts_the_augmentation_next_to_the_training_step(tmp_path):
+    out = tmp_path / "cost.json"
+    result = _run_script(
+        str(ROOT / "benchmarks" / "augment_cost.py"), "--batch-size", "8", "--min-time", "0.1",
+        "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ResNet-18 width 4," in result.stdout and "share of the host's dispatch" in result.stdout
+    figures = json.loads(out.read_text())
+    augment, step = figures["rows"]["augment (one view)"], figures["rows"]["training step"]
+    assert 0 < augment["kernels"] < augment["ops"] and 0 < step["kernels"] < step["ops"]
+    assert augment["us_batch2"] > 0 and augment["us_batch8"] > 0 and step["us_batch2"] > 0
+    assert "us_batch8" not in step  # the CPU times the step at batch 2 only
+    bad = _run_script(str(ROOT / "benchmarks" / "augment_cost.py"), "--batch-size", "1")
+    assert bad.returncode == 2 and "--batch-size >= 2" in _last_line(bad)
+
+
 def test_train_throughput_keeps_explicit_values_labels_cpu_memory_and_refuses_bad_counts(
     tmp_path,
 ):

@@ -218,27 +218,25 @@ def _adjust_hue(x: Tensor, hue: Tensor) -> Tensor:
     """Per-sample hue shift in HSV space, equivalent to torchvision's tensor ``adjust_hue``.
 
     ``x`` is (B, 3, H, W) float in [0, 1], ``hue`` is (B,) in [-0.5, 0.5]. Hue is kept in
-    sixths (``h6`` in [0, 6)) and HSV -> RGB uses the closed form
-    ``c = v - v * s * clamp(min(k, 4 - k), 0, 1)`` with ``k = (h6 + n_c) mod 6``, ``n = 5, 3, 1``
-    and ``v * s = max - min``. Same function as torchvision's ``_rgb_to_hsv`` / ``_hsv_to_rgb``
-    pair (which this avoids materialising), about 1.7x cheaper; differs by float rounding only
-    (~1e-6).
+    sixths: ``h6 = 2 c + (x_{c+1} - x_{c+2}) / (max - min)`` for the channel ``c`` holding
+    the maximum (the first one on ties, as torchvision's ``_rgb_to_hsv``), and HSV -> RGB uses
+    the closed form ``out_c = max - (max - min) * clamp(min(k, 4 - k), 0, 1)`` with
+    ``k = (h6 + n_c) mod 6``, ``n = 5, 3, 1``. The three channels are computed together, so
+    the whole op is about 20 kernels; same function as torchvision's ``_rgb_to_hsv`` /
+    ``_hsv_to_rgb`` pair up to float rounding (~1e-6).
     """
-    r, g, b = x.unbind(dim=1)
-    minc, maxc = torch.aminmax(x, dim=1)
-    crange = maxc - minc
-    inv = 1.0 / torch.where(crange == 0, 1.0, crange)
-    h6 = torch.where(
-        maxc == r,
-        (g - b).mul_(inv),
-        torch.where(maxc == g, (b - r).mul_(inv).add_(2.0), (r - g).mul_(inv).add_(4.0)),
-    )
-    h6 = h6.add_(hue.view(-1, 1, 1) * 6.0)
-    out = []
-    for offset in (5.0, 3.0, 1.0):
-        k = (h6 + offset).remainder_(6.0)
-        out.append(maxc - crange * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0))
-    return torch.stack(out, dim=1)
+    maxc, argmax = x.max(dim=1, keepdim=True)  # (B, 1, H, W); first maximum on ties
+    crange = maxc - x.amin(dim=1, keepdim=True)
+    inv = torch.where(crange == 0, 1.0, crange).reciprocal_()
+    # (g - b, b - r, r - g): for channel c, the next channel minus the one after it
+    diff = x.roll(-1, dims=1).sub_(x.roll(-2, dims=1)).mul_(inv)
+    # Per channel constants made on the device (arange: no host-to-device copy, no sync).
+    sextant = torch.arange(0.0, 6.0, 2.0, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    h6 = diff.add_(sextant).gather(1, argmax)  # (B, 1, H, W), in [-1, 5)
+    h6 = h6.add_(hue.view(-1, 1, 1, 1) * 6.0)
+    offset = torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = (h6 + offset).remainder_(6.0)  # (B, 3, H, W)
+    return torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(crange).neg_().add_(maxc)
 
 
 def _gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
@@ -384,32 +382,40 @@ class BatchAugment:
 
         Brightness, contrast and saturation are all ``clamp(a * x + b * mean(gray) + c * gray)``
         with per-sample (a, b, c), so each pass evaluates that form once with the coefficients of
-        the op the sample applies at that step (neutral (1, 0, 0) when jitter is off). Hue is
-        computed for the batch and selected with ``torch.where``.
+        the op the sample applies at that step (neutral (1, 0, 0) when jitter is off or the op is
+        hue); the coefficients of all 4 steps are worked out up front. Hue is computed for the
+        batch and selected with ``torch.where``.
         """
         cfg = self.cfg
-        on = p.jitter
+        n = x.shape[0]
         use_mean = cfg.contrast > 0
         use_gray = cfg.saturation > 0 or use_mean
         use_hue = cfg.hue > 0
+        # (B, 4): the factor of the op each sample applies at each step (hue's: 1).
+        by_op = torch.stack(
+            (p.brightness, p.contrast, p.saturation, torch.ones_like(p.brightness)), dim=1
+        )
+        order = p.order
+        factor = by_op.gather(1, order)
+        on = p.jitter.view(n, 1)
+        a, b, c = torch.stack(
+            (
+                torch.where(on, factor, 1.0),  # a, on x
+                torch.where(on & (order == CONTRAST), 1.0 - factor, 0.0),  # b, on mean(gray)
+                torch.where(on & (order == SATURATION), 1.0 - factor, 0.0),  # c, on gray
+            )
+        ).view(3, n, 4, 1, 1, 1).unbind(0)  # each (B, step, 1, 1, 1)
+        is_hue = (on & (order == HUE)).view(n, 4, 1, 1, 1)
         for k in range(4):
-            op = p.order[:, k]
-            is_b = on & (op == BRIGHTNESS)
-            is_c = on & (op == CONTRAST)
-            is_s = on & (op == SATURATION)
-            alpha = torch.where(is_b, p.brightness, 1.0)
-            alpha = torch.where(is_c, p.contrast, alpha)
-            alpha = torch.where(is_s, p.saturation, alpha)
-            y = x * _col(alpha)
+            y = x * a[:, k]
             if use_gray:
                 gray = _grayscale(x)
                 if use_mean:
-                    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-                    y = y + _col(torch.where(is_c, 1.0 - p.contrast, 0.0)) * mean
-                y = y + _col(torch.where(is_s, 1.0 - p.saturation, 0.0)) * gray
+                    y.addcmul_(b[:, k], gray.mean(dim=(1, 2, 3), keepdim=True))
+                y.addcmul_(c[:, k], gray)
             y = y.clamp_(0.0, 1.0)
             if use_hue:
-                y = torch.where(_col(on & (op == HUE)), _adjust_hue(x, p.hue), y)
+                y = torch.where(is_hue[:, k], _adjust_hue(x, p.hue), y)
             x = y
         return x
 
