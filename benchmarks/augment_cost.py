@@ -2,6 +2,7 @@
 
     python benchmarks/augment_cost.py                   # CPU, batch 512 and batch 2
     python benchmarks/augment_cost.py --device cuda     # on a GPU: kernels and time
+    python benchmarks/augment_cost.py --compile         # and the torch.compile'd augmentation
 
 For one ``BatchAugment`` call (the 32 px CIFAR preset, one view) and, as the baseline measured
 in the same run, one CARL training step (ResNet-18, CIFAR stem, two views, SGD), it prints:
@@ -89,6 +90,8 @@ def main() -> None:
                    help="ResNet-18 width of the baseline step (default 64 on a GPU, 4 on the "
                         "CPU, where batch 2 must stay dispatch-bound)")
     p.add_argument("--min-time", type=float, default=1.0, help="seconds per timing (>= 0.1)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the augmentation through torch.compile (compile_augment=true)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -97,6 +100,9 @@ def main() -> None:
         p.error("--batch-size >= 2, --width >= 1 and --min-time >= 0.1 are required")
     torch.manual_seed(0)
     augment = BatchAugment(AUGMENT_PRESETS[32], 32)
+    augments = {"augment (one view)": augment}
+    if args.compile:
+        augments["compiled (one view)"] = BatchAugment(AUGMENT_PRESETS[32], 32, compile=True)
     model = build_model(ModelConfig(width=width)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     criterion = CARLLoss()
@@ -115,7 +121,8 @@ def main() -> None:
         def step(xa: torch.Tensor = xa, xb: torch.Tensor = xb) -> None:
             training_step(model, opt, criterion, xa, xb, 1.0, amp)
 
-        for name, fn in (("augment (one view)", lambda x=x: augment(x)), ("training step", step)):
+        fns = [(name, lambda x=x, a=a: a(x)) for name, a in augments.items()]
+        for name, fn in [*fns, ("training step", step)]:
             row = rows.setdefault(name, {})
             if batch == 2:
                 row["ops"], row["kernels"] = count_ops(fn)

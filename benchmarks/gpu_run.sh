@@ -73,7 +73,7 @@ case "$STEP" in
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
             timeout 300 python3 benchmarks/train_throughput.py --data "$DATA" --batch-size 512 \
                 --workers 16 --json "$OUT/throughput.json"
-            timeout 120 python3 benchmarks/augment_cost.py --device cuda \
+            timeout 180 python3 benchmarks/augment_cost.py --device cuda --compile \
                 --json "$OUT/augment_cost.json"
         } 2>&1 | tee "$OUT/throughput.txt"
         ;;

@@ -139,12 +139,16 @@ def test_bad_values_are_refused_with_the_key(override, message):
          r"^the blur kernel \(41 px, augment.blur_kernel\) is too large for data.image_size=16;"),
         (["model.num_prototypes=2"],
          r"^collapse_floor=2 must be below model.num_prototypes=2 .*or 0 turns the check off$"),
+        (["compile_augment=true", "data.pipeline=dataloader"],
+         r"^compile_augment=true compiles the augmentation of data.pipeline=device; "
+         r"data.pipeline=dataloader augments with torchvision in worker processes: drop one"),
     ],
 )
 def test_settings_that_cannot_work_together_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides)
-    load_config(None, [*overrides, "augment.blur_p=0", "collapse_floor=0"])  # the way out
+    # the ways out the messages name
+    load_config(None, [*overrides, "augment.blur_p=0", "collapse_floor=0", "compile_augment=false"])
 
 
 @pytest.mark.parametrize(

@@ -99,3 +99,20 @@ def test_views_do_not_depend_on_the_memory_layout_of_the_batch():
     augment = BatchAugment(AugmentConfig(blur_p=0.5), 32)
     views = [augment(b, generator=torch.Generator().manual_seed(0)) for b in (x, x.contiguous())]
     assert torch.equal(*views)
+
+
+@pytest.mark.filterwarnings(  # raised inside torch 2.11's compiler
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)
+def test_a_compiled_augmentation_gives_the_views_of_the_eager_one():
+    images = _images(24, size=20)  # resized to 16 px: crop, flip, jitter, grayscale and blur
+    cfg = AugmentConfig(blur_p=0.5)
+    eager = DevicePipeline(images, cfg, 16, CPU, 8, seed=3)
+    compiled = DevicePipeline(images, cfg, 16, CPU, 8, seed=3, compile_augment=True)
+    assert compiled.augment.compiled and "compile=True" in repr(compiled.augment)
+    assert not eager.augment.compiled
+    pairs = list(zip(eager.epoch(1), compiled.epoch(1), strict=True))
+    assert len(pairs) == 3
+    for (ea, eb), (ca, cb) in pairs:
+        torch.testing.assert_close(ca, ea, atol=1e-5, rtol=0)
+        torch.testing.assert_close(cb, eb, atol=1e-5, rtol=0)

@@ -265,7 +265,10 @@ class BatchAugment:
     colour op like torchvision.
     """
 
-    def __init__(self, cfg: AugmentConfig, size: int) -> None:
+    def __init__(self, cfg: AugmentConfig, size: int, *, compile: bool = False) -> None:
+        """``compile=True`` runs :meth:`apply` through ``torch.compile`` (whole graph, static
+        shapes) in :meth:`__call__`: its elementwise ops fuse into a few kernels. The first call
+        of each batch shape compiles (seconds); the parameters are still drawn eagerly."""
         if size < 1:
             raise ValueError(f"size must be positive, got {size}")
         self.cfg = cfg
@@ -274,10 +277,17 @@ class BatchAugment:
         if cfg.blur_p > 0 and self.blur_kernel // 2 >= size:
             raise ValueError(f"blur kernel {self.blur_kernel} too large for {size} px outputs")
         self._norm: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self.compiled = compile
+        self._apply: Callable[[Tensor, AugmentParams], Tensor] = (
+            torch.compile(self.apply, fullgraph=True, dynamic=False) if compile else self.apply
+        )
 
     def __repr__(self) -> str:
         name = type(self).__name__
-        return f"{name}(size={self.size}, blur_kernel={self.blur_kernel}, cfg={self.cfg})"
+        compiled = ", compile=True" if self.compiled else ""
+        return (
+            f"{name}(size={self.size}, blur_kernel={self.blur_kernel}{compiled}, cfg={self.cfg})"
+        )
 
     # ------------------------------------------------------------------ parameters
     def sample_params(
@@ -419,15 +429,19 @@ class BatchAugment:
             x = y
         return x
 
-    def _normalise(self, x: Tensor) -> Tensor:
+    def _norm_consts(self, device: torch.device) -> tuple[Tensor, Tensor]:
         # Cached per device: building them each call would be a blocking host-to-device copy.
-        consts = self._norm.get(x.device)
+        consts = self._norm.get(device)
         if consts is None:
-            mean = torch.tensor(self.cfg.mean, dtype=torch.float32, device=x.device)
-            std = torch.tensor(self.cfg.std, dtype=torch.float32, device=x.device)
+            mean = torch.tensor(self.cfg.mean, dtype=torch.float32, device=device)
+            std = torch.tensor(self.cfg.std, dtype=torch.float32, device=device)
             consts = (mean.view(1, 3, 1, 1), std.view(1, 3, 1, 1))
-            self._norm[x.device] = consts
-        return (x - consts[0]) / consts[1]
+            self._norm[device] = consts
+        return consts
+
+    def _normalise(self, x: Tensor) -> Tensor:
+        mean, std = self._norm_consts(x.device)
+        return (x - mean) / std
 
     def apply(self, images: Tensor, params: AugmentParams) -> Tensor:
         """Augment ``images`` (B, 3, H, W) uint8 or float in [0, 1] with given ``params``.
@@ -457,7 +471,10 @@ class BatchAugment:
         """Augment a batch with fresh per-sample parameters drawn on ``images.device``."""
         n, _, height, width = images.shape
         params = self.sample_params(n, height, width, device=images.device, generator=generator)
-        return self.apply(images, params)
+        # Filled before a compiled apply reads it: a cache that changes under torch.compile's
+        # first trace would make it trace again.
+        self._norm_consts(images.device)
+        return self._apply(images, params)
 
 
 def torchvision_transform(cfg: AugmentConfig, size: int) -> Callable[[PIL.Image.Image], Tensor]:

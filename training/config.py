@@ -163,7 +163,8 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     precision: str = "bf16"  # "bf16" autocast on CUDA; "fp32" everywhere
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False  # torch.compile the model
+    compile_augment: bool = False  # torch.compile the device pipeline's augmentation
     sync_bn: bool = False  # SyncBatchNorm under torchrun
     checkpoint_every: int = 50  # keep epoch-N checkpoints every N epochs (0: only `last`)
     save_every: int = 1  # epochs between writes of checkpoints/last (the run's end always)
@@ -192,6 +193,12 @@ class TrainConfig:
                 f"the blur kernel ({kernel} px, augment.blur_kernel) is too large for "
                 f"data.image_size={self.data.image_size}; lower augment.blur_kernel or set "
                 "augment.blur_p=0"
+            )
+        if self.compile_augment and self.data.pipeline != "device":
+            raise ValueError(
+                "compile_augment=true compiles the augmentation of data.pipeline=device; "
+                f"data.pipeline={self.data.pipeline} augments with torchvision in worker "
+                "processes: drop one of the two"
             )
         k = self.model.num_prototypes
         if 0 < self.collapse_floor and self.collapse_floor >= k:

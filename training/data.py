@@ -146,10 +146,11 @@ class DevicePipeline(_Pipeline):
         world: int = 1,
         budget_bytes: float = 8e9,
         channels_last: bool = False,
+        compile_augment: bool = False,
     ) -> None:
         super().__init__(len(images), device, global_batch, seed, rank, world, channels_last)
         self.store = DeviceImageStore(images, device, budget_bytes)
-        self.augment = BatchAugment(cfg, size)
+        self.augment = BatchAugment(cfg, size, compile=compile_augment)
 
     def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
         perm = epoch_permutation(self.n, self.seed, epoch)

@@ -358,6 +358,7 @@ RESUME_MAY_CHANGE = frozenset(
         "precision",
         "channels_last",
         "compile",
+        "compile_augment",
         "sync_bn",
         "checkpoint_every",
         "save_every",
@@ -487,6 +488,7 @@ def _train(
             device,
             cfg.optim.batch_size,
             budget_bytes=cfg.data.device_budget_gb * 1e9,
+            compile_augment=cfg.compile_augment,
             **common,
         )
     else:
