@@ -5,8 +5,9 @@
 #   DATA=path/to/cifar10_webp90.npz bash benchmarks/gpu_run.sh
 #
 # STEP=train (default) trains, evaluates and writes metrics + weight shards: 6 files.
-# STEP=throughput measures model-only vs carlzoo vs DataLoader at batch 512, and what one
-# augmentation call costs next to a training step (augment_cost.py): 3 files.
+# STEP=throughput measures model-only vs carlzoo (eager and compiled augmentation) vs
+# DataLoader at batch 512, and what one augmentation call costs next to a training step
+# (augment_cost.py): 3 files.
 # STEP=sweep compares recipe variants for EPOCHS epochs each: 2 files, e.g.
 #   STEP=sweep EPOCHS=40 VARIANTS="base lr0.3:optim.lr=0.3 k300:model.num_prototypes=300"
 # EPOCHS must exceed the recipe's warm-up (10 epochs), else add SETS="optim.warmup_epochs=N".
@@ -71,8 +72,8 @@ case "$STEP" in
     throughput)
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-            timeout 300 python3 benchmarks/train_throughput.py --data "$DATA" --batch-size 512 \
-                --workers 16 --json "$OUT/throughput.json"
+            timeout 360 python3 benchmarks/train_throughput.py --data "$DATA" --batch-size 512 \
+                --workers 16 --compile-augment --json "$OUT/throughput.json"
             timeout 180 python3 benchmarks/augment_cost.py --device cuda --compile \
                 --json "$OUT/augment_cost.json"
         } 2>&1 | tee "$OUT/throughput.txt"

@@ -76,6 +76,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prototypes", type=int, default=100)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument(
+        "--compile-augment",
+        action="store_true",
+        help="also measure (2) with its augmentation through torch.compile (compile_augment)",
+    )
     p.add_argument("--skip-loader", action="store_true", help="skip measurement (3)")
     p.add_argument(
         "--cpu-smoke",
@@ -256,6 +261,14 @@ def main() -> None:
     results["carlzoo"] = measure("carlzoo", batches, step, args, device)
     sync_check = check_no_host_sync(batches, step, device)
     print(f"  host syncs in the carlzoo batch + augmentation + step: {sync_check}")
+    if args.compile_augment:  # the first warm-up step compiles the augmentation
+        compiled = DevicePipeline(
+            images, aug, args.size, device, args.batch_size, seed=0,
+            channels_last=channels_last, compile_augment=True,
+        )  # fmt: skip
+        results["carlzoo_compiled_augment"] = measure(
+            "carlzoo, compiled augmentation", forever(compiled), step, args, device
+        )
 
     # (3) DataLoader + torchvision transforms.
     if not args.skip_loader:
@@ -273,6 +286,9 @@ def main() -> None:
 
     r21 = results["carlzoo"]["images_per_s"] / results["model"]["images_per_s"]
     print(f"  ratio    carlzoo / model-only = {r21:.2f}")
+    if "carlzoo_compiled_augment" in results:
+        rc = results["carlzoo_compiled_augment"]["images_per_s"] / results["model"]["images_per_s"]
+        print(f"  ratio    carlzoo with compiled augmentation / model-only = {rc:.2f}")
     if "loader" in results:
         r23 = results["carlzoo"]["images_per_s"] / results["loader"]["images_per_s"]
         print(f"  ratio    carlzoo / DataLoader({args.workers} workers) = {r23:.2f}")

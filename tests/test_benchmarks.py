@@ -65,11 +65,13 @@ def test_train_throughput_keeps_explicit_values_labels_cpu_memory_and_refuses_ba
     # --cpu-smoke sets what is not given; what is given wins.
     result = _run_script(
         script, "--cpu-smoke", "--width", "4", "--batch-size", "16", "--steps", "1",
-        "--warmup", "0", "--skip-loader", "--json", str(out),
+        "--warmup", "0", "--skip-loader", "--compile-augment", "--json", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "width 4," in result.stdout and "batch 16," in result.stdout
+    assert "carlzoo with compiled augmentation / model-only = " in result.stdout
     figures = json.loads(out.read_text())
+    assert set(figures["results"]) == {"model", "carlzoo", "carlzoo_compiled_augment"}
     assert figures["args"]["width"] == 4 and figures["args"]["batch_size"] == 16
     assert figures["args"]["workers"] == 2  # not given: --cpu-smoke's
     # The CPU figure is the process's max RSS so far, and says so.
