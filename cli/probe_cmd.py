@@ -15,7 +15,7 @@ class _WeightDecay(click.ParamType):
     name = "FLOAT|auto"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> float | str:
-        if isinstance(value, float) or value == "auto":
+        if value == "auto":
             return value
         try:
             number = float(value)
@@ -79,10 +79,10 @@ def _check_out(out_path: str) -> None:
               help="kNN neighbours.")
 @click.option("--t", "t", type=click.FloatRange(min=0, min_open=True), default=0.1,
               show_default=True, help="kNN temperature.")
-@click.option("--weight-decay", "weight_decay", type=_WeightDecay(), default="1e-4",
-              show_default=True,
-              help="Linear probe L2 weight decay, or 'auto': the best of 1e-6..0.1 on a "
-                   "class-balanced 10% of the train split held out (drawn with --seed).")
+@click.option("--weight-decay", "weight_decay", type=_WeightDecay(), default=None,
+              help="Linear probe L2 weight decay (default 1e-4), or 'auto': the best of "
+                   "1e-6..0.1 on 10% of each class of the train split held out (drawn with "
+                   "--seed).")
 @click.option("--cache", "cache_dir", default=None, type=click.Path(file_okay=False),
               help="Cache frozen features (.safetensors) in this folder.")
 @click.option("--resize", is_flag=True,
@@ -90,7 +90,7 @@ def _check_out(out_path: str) -> None:
 @click.option("--download", is_flag=True, help="Download the dataset if it is missing.")
 def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path: str | None,
           device: str, batch_size: int, epochs: int | None, seed: int, layer: str, k: int,
-          t: float, weight_decay: float | str, cache_dir: str | None, resize: bool,
+          t: float, weight_decay: float | str | None, cache_dir: str | None, resize: bool,
           download: bool) -> None:
     """Evaluate an encoder on a labelled dataset.
 
@@ -99,6 +99,8 @@ def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path
     carlzoo probe --model carl-cifar10 --dataset cifar100 --data-root data/ \\
         --protocol linear --weight-decay auto --cache feats/ --out c10_to_c100.json
     """
+    if weight_decay is not None and protocol != "linear":
+        raise click.UsageError(f"--weight-decay is for --protocol linear, not {protocol}")
     if out_path is not None:
         _check_out(out_path)
     from carlzoo.training import evaluate
@@ -109,7 +111,8 @@ def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path
         result = evaluate.run_probe(model_spec, dataset, data_root, protocol, layer=layer, k=k,
                                     t=t, epochs=epochs, seed=seed, batch_size=batch_size,
                                     device=device, cache_dir=cache_dir, resize=resize,
-                                    download=download, weight_decay=weight_decay)
+                                    download=download,
+                                    weight_decay=1e-4 if weight_decay is None else weight_decay)
     except (evaluate.ProbeError, DatasetError, CheckpointError, ValueError) as e:
         # ValueError includes ZooError (carlzoo.load) and config errors: one-line messages.
         raise click.ClickException(" ".join(str(e).split())) from None

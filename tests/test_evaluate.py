@@ -47,6 +47,20 @@ def test_knn_and_linear_separate_blobs():
     assert lin["top5"] == pytest.approx(100.0)
 
 
+@pytest.mark.parametrize("probe", [evaluate.linear_eval, evaluate.knn_eval])
+@pytest.mark.parametrize("which", ["train", "test"])
+def test_non_finite_features_are_refused_by_name(probe, which):
+    x, y = _blobs(10)
+    bad = x.copy()
+    bad[3, 2], bad[5, 0] = np.nan, np.inf
+    args = (bad, y, x, y) if which == "train" else (x, y, bad, y)
+    with pytest.raises(ValueError) as e:
+        probe(*args)
+    assert str(e.value).startswith(
+        f"{which}_features hold 2 non-finite value(s) (NaN or inf); a probe needs finite"
+    )
+
+
 def test_shuffled_labels_give_chance():
     rng = np.random.default_rng(0)
     n_classes = 4
@@ -152,7 +166,8 @@ def test_select_weight_decay_fits_on_the_rest_and_scores_on_a_balanced_held_out_
     sel = evaluate.select_weight_decay(x, y, grid=(1e-5, 1e-3, 1e-1), val_fraction=0.2, seed=3)
     assert sel["weight_decay"] == 1e-3 and sel["val_top1"] == [60.0, 80.0, 70.0]
     assert sel["grid"] == [1e-5, 1e-3, 1e-1] and (sel["seed"], sel["n_val"]) == (3, 20)
-    held = evaluate.balanced_subset(y, 0.2, seed=3)
+    held = evaluate.held_out_rows(y, 0.2, seed=3)
+    assert np.array_equal(held, evaluate.balanced_subset(y, 0.2, seed=3))  # balanced labels
     for xtr, ytr, xte, yte in calls:  # the same split for every value
         assert torch.equal(xte, torch.from_numpy(x[held]))
         assert yte.tolist() == y[held].tolist()
@@ -160,6 +175,27 @@ def test_select_weight_decay_fits_on_the_rest_and_scores_on_a_balanced_held_out_
         rows = {tuple(r) for r in xtr.tolist()}
         assert not rows & {tuple(r) for r in x[held].tolist()}
     assert np.bincount(y[held], minlength=5).tolist() == [4] * 5
+
+
+def test_held_out_rows_take_the_fraction_of_each_class_and_leave_every_class_a_row():
+    y = np.repeat([0, 1, 2, 3], [990, 10, 3, 1])
+    held = evaluate.held_out_rows(y, 0.1, seed=0)
+    # 99 of 990 and 1 of 10; a class of 3 gives 1 (at least one), a class of 1 keeps its row
+    assert np.bincount(y[held], minlength=4).tolist() == [99, 1, 1, 0]
+    assert np.array_equal(held, np.sort(held)) and len(set(held.tolist())) == held.size
+    assert np.array_equal(held, evaluate.held_out_rows(y, 0.1, seed=0))
+    assert not np.array_equal(held, evaluate.held_out_rows(y, 0.1, seed=1))
+    assert np.bincount(y[evaluate.held_out_rows(y, 0.9)], minlength=4).tolist() == [891, 9, 2, 0]
+
+
+def test_select_weight_decay_needs_a_class_with_two_rows():
+    x, y = _blobs(1, n_classes=5)
+    with pytest.raises(ValueError) as e:
+        evaluate.select_weight_decay(x, y)
+    assert str(e.value) == (
+        "no training row can be held out to choose the weight decay: each of the 5 rows is "
+        "its class's only one; give at least 2 rows of a class"
+    )
 
 
 def test_select_weight_decay_breaks_ties_towards_more_regularisation():
@@ -411,6 +447,16 @@ def test_cli_refuses_a_weight_decay_that_is_neither_a_number_nor_auto(tmp_path, 
     assert res.exit_code == 2
     assert (f"Invalid value for '--weight-decay': {value!r} is not a number >= 0 or 'auto'"
             in res.output)
+    assert not out.exists()
+
+
+def test_cli_refuses_a_weight_decay_for_a_protocol_without_one(tmp_path):
+    out = tmp_path / "res.json"
+    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
+                                     "--data-root", str(tmp_path), "--protocol", "knn",
+                                     "--out", str(out), "--weight-decay", "auto"])
+    assert res.exit_code == 2
+    assert "Error: --weight-decay is for --protocol linear, not knn" in res.output
     assert not out.exists()
 
 

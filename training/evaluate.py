@@ -7,8 +7,8 @@ Every protocol probes a frozen (or, for fine-tuning, a copied) encoder on a labe
 * ``linear``: multinomial logistic regression on frozen, standardised features, full-batch
   L-BFGS (preconditioned by whitening) with L2 weight decay (defaults: ``weight_decay=1e-4``
   on the mean loss, ``max_iter=300``); about 5 s on 2 CPU cores for 50k x 512 features.
-  ``weight_decay="auto"`` chooses it from :data:`WEIGHT_DECAY_GRID` on a class-balanced 10% of
-  the train split held out (:func:`select_weight_decay`), then fits on the whole train split.
+  ``weight_decay="auto"`` chooses it from :data:`WEIGHT_DECAY_GRID` on 10% of each class of the
+  train split held out (:func:`select_weight_decay`), then fits on the whole train split.
 * ``semi1`` / ``semi10``: a class-balanced 1% / 10% labelled subset of the train split, drawn
   deterministically from ``seed`` (indices saved with the result), then fine-tuning of encoder +
   linear head (SGD, Nesterov momentum 0.9, lr 0.05 with a cosine decay, weight decay 5e-4,
@@ -66,6 +66,7 @@ __all__ = [
     "linear_eval",
     "WEIGHT_DECAY_GRID",
     "select_weight_decay",
+    "held_out_rows",
     "balanced_subset",
     "finetune_classifier",
     "semi_supervised_eval",
@@ -236,6 +237,17 @@ def _tensor(x: np.ndarray | Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return t.to(dtype) if dtype is not None else t
 
 
+def _finite(x: Tensor, name: str) -> Tensor:
+    """``x``, or ValueError (one line) when it holds NaN or inf."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(
+            f"{name} hold {bad} non-finite value(s) (NaN or inf); a probe needs finite features "
+            "(an encoder whose activations overflowed, e.g. in float16, gives such)"
+        )
+    return x
+
+
 def _num_classes(*labels: Tensor, num_classes: int | None = None) -> int:
     found = max(int(y.max()) + 1 for y in labels if y.numel())
     return max(found, num_classes or 0)
@@ -254,7 +266,8 @@ def knn_eval(train_features: np.ndarray | Tensor, train_labels: np.ndarray | Ten
     dev = resolve_device(device)
     ytr, yte = _tensor(train_labels, torch.long), _tensor(test_labels, torch.long)
     c = _num_classes(ytr, yte, num_classes=num_classes)
-    acc = knn_accuracy(_tensor(train_features), ytr, _tensor(test_features), yte, k=k, t=t,
+    acc = knn_accuracy(_finite(_tensor(train_features), "train_features"), ytr,
+                       _finite(_tensor(test_features), "test_features"), yte, k=k, t=t,
                        num_classes=c, device=dev)
     return {**acc, "k": int(k), "k_used": int(min(k, ytr.numel())), "t": float(t)}
 
@@ -281,8 +294,8 @@ def linear_eval(train_features: np.ndarray | Tensor, train_labels: np.ndarray | 
     covariance): the same objective and optimum, reached in far fewer iterations.
     """
     dev = resolve_device(device)
-    xtr = _tensor(train_features).float().to(dev)
-    xte = _tensor(test_features).float().to(dev)
+    xtr = _finite(_tensor(train_features).float(), "train_features").to(dev)
+    xte = _finite(_tensor(test_features).float(), "test_features").to(dev)
     ytr = _tensor(train_labels, torch.long).to(dev)
     yte = _tensor(test_labels, torch.long).to(dev)
     c = _num_classes(ytr, yte, num_classes=num_classes)
@@ -342,9 +355,9 @@ def select_weight_decay(train_features: np.ndarray | Tensor, train_labels: np.nd
                         device: str | torch.device | None = "cpu") -> dict[str, Any]:
     """The linear probe's weight decay, chosen on training features alone.
 
-    A class-balanced ``val_fraction`` of the rows (:func:`balanced_subset` with ``seed``) is
-    held out; :func:`linear_eval` is fit on the other rows with each value of ``grid`` and
-    scored on the held-out ones. The best top-1 wins, ties going to the larger decay. Returns
+    ``val_fraction`` of each class's rows is held out (:func:`held_out_rows` with ``seed``);
+    :func:`linear_eval` is fit on the other rows with each value of ``grid`` and scored on the
+    held-out ones. The best top-1 wins, ties going to the larger decay. Returns
     ``weight_decay`` (the choice), ``grid``, ``val_top1`` (one score per value, in grid order),
     ``val_fraction``, ``seed`` and ``n_val``. No test data is involved.
     """
@@ -356,13 +369,14 @@ def select_weight_decay(train_features: np.ndarray | Tensor, train_labels: np.nd
     x = _tensor(train_features)
     y = _tensor(train_labels, torch.long)
     c = _num_classes(y, num_classes=num_classes)
-    val = torch.from_numpy(balanced_subset(y.numpy(), val_fraction, seed))
+    val = torch.from_numpy(held_out_rows(y.numpy(), val_fraction, seed))
+    if not val.numel():
+        raise ValueError(
+            f"no training row can be held out to choose the weight decay: each of the "
+            f"{y.numel()} rows is its class's only one; give at least 2 rows of a class"
+        )
     fit = torch.ones(y.numel(), dtype=torch.bool)
     fit[val] = False
-    if not fit.any():
-        raise ValueError(
-            f"val_fraction={val_fraction} holds out all {y.numel()} training rows; lower it"
-        )
     scores = [
         linear_eval(x[fit], y[fit], x[val], y[val], num_classes=c, weight_decay=wd,
                     max_iter=max_iter, device=device)["top1"]
@@ -371,6 +385,24 @@ def select_weight_decay(train_features: np.ndarray | Tensor, train_labels: np.nd
     best = max(range(len(values)), key=lambda i: (scores[i], values[i]))
     return {"weight_decay": values[best], "grid": values, "val_top1": scores,
             "val_fraction": float(val_fraction), "seed": int(seed), "n_val": int(val.numel())}
+
+
+def held_out_rows(labels: np.ndarray | Sequence[int], fraction: float,
+                  seed: int = 0) -> np.ndarray:
+    """Sorted indices of a stratified ``fraction`` of the rows: ``round(fraction * n_c)`` of
+    each class of ``n_c`` rows, at least 1 and at most ``n_c - 1`` (a class of one row keeps
+    it), drawn like :func:`balanced_subset` (``numpy.random.default_rng(seed)``, classes in
+    sorted order), so that on balanced labels the two draw the same rows."""
+    y = np.asarray(labels)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        k = min(max(int(round(fraction * idx.size)), 1), idx.size - 1)
+        picked.append(rng.permutation(idx)[:k])
+    return np.sort(np.concatenate(picked)).astype(np.int64) if picked else np.zeros(0, np.int64)
 
 
 # --------------------------------------------------------------------------------------------
