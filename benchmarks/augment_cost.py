@@ -8,8 +8,11 @@ For one ``BatchAugment`` call (the 32 px CIFAR preset, one view) and, as the bas
 in the same run, one CARL training step (ResNet-18, CIFAR stem, two views, SGD), it prints:
 
 * ``ops``: top-level ATen operators dispatched per call (each a Python -> C++ round trip);
-* ``kernels``: those that compute (view and metadata operators such as ``view``, ``select``
-  or ``unbind`` left out): on a GPU, roughly one kernel launch each;
+* ``kernels``: on a GPU, the CUDA kernels (and copies) the profiler records; on a CPU, the
+  ATen operators that compute (view and metadata operators such as ``view``, ``select`` or
+  ``unbind`` left out). Code compiled by torch.compile runs outside ATen, so on a CPU the
+  compiled row counts only what stays eager (the parameter draws): its fused kernels are
+  not in it;
 * the time per call at batch 2 (dispatch cost alone: what a GPU's host thread pays per
   call) and at the batch given (the work itself).
 
@@ -46,18 +49,28 @@ _VIEWS = {
 }  # fmt: skip
 
 
-def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
-    """(top-level ATen operators, those of them that compute) for one call of ``fn``."""
+def count_ops(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
+    """(top-level ATen operators, kernels) for one call of ``fn``: the CUDA kernels on a GPU,
+    the ATen operators that compute on a CPU."""
     fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = prof.events()
     names = [
         e.name
-        for e in prof.events()
+        for e in events
         if e.name.startswith("aten::")
         and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
     ]
-    return len(names), sum(1 for n in names if n not in _VIEWS)
+    if cuda:
+        kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    else:
+        kernels = sum(1 for n in names if n not in _VIEWS)
+    return len(names), kernels
 
 
 def seconds_per_call(fn: Callable[[], object], device: torch.device, min_time: float) -> float:
@@ -125,7 +138,7 @@ def main() -> None:
         for name, fn in [*fns, ("training step", step)]:
             row = rows.setdefault(name, {})
             if batch == 2:
-                row["ops"], row["kernels"] = count_ops(fn)
+                row["ops"], row["kernels"] = count_ops(fn, device)
             elif name == "training step" and device.type == "cpu":
                 continue  # minutes per step on a CPU, and not the figure this script is for
             row[f"us_batch{batch}"] = 1e6 * seconds_per_call(fn, device, args.min_time)
@@ -138,6 +151,9 @@ def main() -> None:
         big = row.get(f"us_batch{args.batch_size}")
         print(f"{name:<22}{row['ops']:>6.0f}{row['kernels']:>9.0f}{row['us_batch2']:>15.0f}"
               f"{'-' if big is None else f'{big:.0f}':>18}")
+    if "compiled (one view)" in rows and device.type == "cpu":
+        print("(compiled: the counts cover the eager parameter draws only; on a CPU the "
+              "profiler does not see the compiled kernels)")
     share = 2 * aug["us_batch2"] / (2 * aug["us_batch2"] + step_row["us_batch2"])
     print(f"two views' share of the host's dispatch time per step (batch 2): {100 * share:.0f}%")
     if args.json:

@@ -217,7 +217,7 @@ def _branch_problem(branch: str) -> str | None:
     for part, why in (("..", "'..'"), ("@{", "'@{'"), ("//", "'//'")):
         if part in branch:
             return f"it contains {why}"
-    if branch == "@" or branch.startswith(("-", "/")) or branch.endswith(("/", ".")):
+    if branch in ("@", "HEAD") or branch.startswith(("-", "/")) or branch.endswith(("/", ".")):
         return "git does not allow that name"
     if any(c.startswith(".") or c.endswith(".lock") for c in branch.split("/")):
         return "a part of it starts with '.' or ends with '.lock'"

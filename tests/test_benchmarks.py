@@ -321,16 +321,20 @@ def test_gpu_cifar10_refuses_an_out_holding_an_earlier_run(tmp_path):
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "holds an earlier train result: train.log; choose another OUT" in _last_line(result)
+    assert _last_line(result) == (
+        f"gpu_run.sh: OUT={out} is not empty (it holds: train.log); each step writes into an "
+        "empty OUT: choose another OUT or empty it"
+    )
     assert (out / "train.log").read_text() == "the earlier run's log\n"
     assert sorted(p.name for p in out.iterdir()) == ["train.log"]
 
 
 @pytest.mark.parametrize(
     ("step", "earlier"),
-    [("sweep", "sweep.json"), ("sweep", "sweep.log"), ("throughput", "throughput.json")],
+    [("sweep", "sweep.json"), ("sweep", "sweep.log"), ("throughput", "throughput.json"),
+     ("throughput", "train.log")],  # another step's files: two steps' can exceed 8 files
 )
-def test_gpu_run_refuses_an_out_holding_an_earlier_result_of_its_step(tmp_path, step, earlier):
+def test_gpu_run_refuses_an_out_that_is_not_empty(tmp_path, step, earlier):
     out = tmp_path / "out"
     out.mkdir()
     (out / earlier).write_text("earlier result\n")
@@ -342,8 +346,8 @@ def test_gpu_run_refuses_an_out_holding_an_earlier_result_of_its_step(tmp_path, 
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-2000:]
     assert _last_line(result) == (
-        f"gpu_run.sh: OUT={out} holds an earlier {step} result: {earlier}; choose another OUT "
-        "or empty it"
+        f"gpu_run.sh: OUT={out} is not empty (it holds: {earlier}); each step writes into an "
+        "empty OUT: choose another OUT or empty it"
     )
     assert [p.name for p in out.iterdir()] == [earlier]
     assert (out / earlier).read_text() == "earlier result\n"

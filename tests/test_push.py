@@ -226,6 +226,7 @@ def test_private_push_when_the_hub_does_not_say_it_is_private_is_refused(
         ("feat:x", "it contains ':'"),
         ("release/", "git does not allow that name"),
         ("-f", "git does not allow that name"),
+        ("HEAD", "git does not allow that name"),
         ("x/.hidden", "a part of it starts with '.' or ends with '.lock'"),
         ("refs/heads/dev", "it is a full ref; give the branch name alone"),
         ("0123456789abcdef0123456789abcdef01234567",
