@@ -641,3 +641,23 @@ def test_unlabelled_dataset_is_refused(tmp_path, monkeypatch):
     pm = evaluate.ProbeModel(build_model(TINY), 16, (0.5,) * 3, (0.5,) * 3, "tiny", "run")
     with pytest.raises(evaluate.ProbeError, match="no labels"):
         evaluate.run_probe(pm, "stl10", tmp_path, "knn", device="cpu")
+
+
+@pytest.mark.parametrize(("height", "width", "size"),
+                         [(64, 64, 32), (64, 48, 32), (96, 96, 64), (20, 30, 32)])
+def test_features_resize_images_as_the_models_preprocessing_does(height, width, size):
+    # The kNN monitor sees the pixels a zoo model's preprocessing gives (shorter side,
+    # bicubic, centre crop), not a squashed bilinear copy.
+    from PIL import Image
+
+    from carlzoo.images import resize_crop
+    from carlzoo.training.features import normalize_uint8
+
+    img = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    ref = np.asarray(resize_crop(Image.fromarray(img), size, size), dtype=np.float32)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    out = normalize_uint8(x, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), size)
+    assert out.shape == (1, 3, size, size)
+    levels = np.abs(out[0].permute(1, 2, 0).numpy() * 255 - ref)
+    assert levels.mean() < 0.5  # noise images: the filters differ at the borders only
+    assert np.allclose(levels, np.round(levels), atol=1e-3)  # 8-bit levels, as PIL's

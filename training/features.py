@@ -18,12 +18,21 @@ __all__ = ["normalize_uint8", "extract_features"]
 def normalize_uint8(
     x: Tensor, mean: Sequence[float], std: Sequence[float], size: int | None = None
 ) -> Tensor:
-    """(B, 3, H, W) uint8 -> normalised float32, resized to ``size`` when given."""
+    """(B, 3, H, W) uint8 -> normalised float32, at ``size`` x ``size`` when given.
+
+    Images of another size are resized as carlzoo's models preprocess (``resize_crop``):
+    the shorter side to ``size``, bicubic with antialiasing (torch's match of PIL's filter),
+    rounded to 8 bits again as a PIL image is, then the centre crop.
+    """
     x = x.float().div_(255.0)
-    if size is not None and (x.shape[-1] != size or x.shape[-2] != size):
-        x = F.interpolate(
-            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
+    height, width = x.shape[-2:]
+    if size is not None and (height, width) != (size, size):
+        scale = size / min(height, width)
+        nh, nw = max(size, round(height * scale)), max(size, round(width * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp_(0.0, 1.0).mul_(255.0).round_().div_(255.0)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[..., top : top + size, left : left + size]
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
