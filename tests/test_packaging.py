@@ -1,6 +1,7 @@
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -111,3 +112,28 @@ def test_cli_startup_does_not_import_torch():
         "assert 'torch' not in sys.modules, 'carlzoo --help must not import torch'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_source_distribution_holds_the_tests_benchmarks_and_demo(tmp_path):
+    tracked = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-z"], check=True, capture_output=True, text=True
+    ).stdout.strip("\0").split("\0")
+    src = tmp_path / "src"
+    for name in tracked:  # the checkout as committed, without venvs, data or build leftovers
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, src / name)
+    code = "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "dist")], cwd=src, check=True,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    sdist = tmp_path / "dist" / out.stdout.strip().splitlines()[-1]
+    with tarfile.open(sdist) as tar:
+        names = {m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()}
+    needed = {
+        n for n in tracked
+        if n.startswith(("tests/", "benchmarks/", "examples/", "carlzoo/", "training/"))
+        or n in ("Makefile", "MODEL_CARD.md", "pyproject.toml", "README.md", "LICENSE")
+    }  # fmt: skip
+    assert sorted(needed - names) == []
+    assert [n for n in names if "__pycache__" in n or n.endswith(".pyc")] == []
