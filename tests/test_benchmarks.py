@@ -49,7 +49,7 @@ def test_augment_cost_counts_the_augmentation_next_to_the_training_step(tmp_path
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ResNet-18 width 4," in result.stdout and "share of the host's dispatch" in result.stdout
     figures = json.loads(out.read_text())
-    augment, step = figures["rows"]["augment (one view)"], figures["rows"]["training step"]
+    augment, step = figures["rows"]["augment (both views)"], figures["rows"]["training step"]
     assert 0 < augment["kernels"] < augment["ops"] and 0 < step["kernels"] < step["ops"]
     assert augment["us_batch2"] > 0 and augment["us_batch8"] > 0 and step["us_batch2"] > 0
     assert "us_batch8" not in step  # the CPU times the step at batch 2 only

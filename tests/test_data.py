@@ -116,3 +116,24 @@ def test_a_compiled_augmentation_gives_the_views_of_the_eager_one():
     for (ea, eb), (ca, cb) in pairs:
         torch.testing.assert_close(ca, ea, atol=1e-5, rtol=0)
         torch.testing.assert_close(cb, eb, atol=1e-5, rtol=0)
+
+
+def test_both_views_come_from_one_augmentation_call_on_the_doubled_batch():
+    # One call on 2b images launches each augmentation kernel once per step, not twice.
+    images = _images(16, size=16)
+    pipe = DevicePipeline(images, AugmentConfig(), 16, CPU, 8, seed=3)
+    calls = []
+    augment = pipe.augment
+
+    def spy(x, generator=None):
+        calls.append(tuple(x.shape))
+        return augment(x, generator=generator)
+
+    pipe.augment = spy
+    xa, xb = next(pipe.epoch(2))
+    assert calls == [(16, 3, 16, 16)]
+    idx = rank_batches(epoch_permutation(16, 3, 2), 8, 0, 1)[0]
+    x = torch.from_numpy(images[idx.numpy()]).permute(0, 3, 1, 2)
+    both = BatchAugment(AugmentConfig(), 16)(torch.cat([x, x]), generator=pipe._generator(2, CPU))
+    assert torch.equal(xa, both[:8]) and torch.equal(xb, both[8:])
+    assert not torch.equal(xa, xb)  # two independent draws of each image
