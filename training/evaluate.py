@@ -32,7 +32,7 @@ import math
 import re
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -396,13 +396,22 @@ def held_out_rows(labels: np.ndarray | Sequence[int], fraction: float,
     y = np.asarray(labels)
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    return _draw_per_class(
+        y, np.unique(y), lambda n: min(max(int(round(fraction * n)), 1), n - 1), seed
+    )
+
+
+def _draw_per_class(y: np.ndarray, classes: np.ndarray, count: Callable[[int], int], seed: int,
+                    allowed: np.ndarray | None = None) -> np.ndarray:
+    """Sorted indices of ``count(n)`` rows of each class in ``classes`` (``n``: its rows in
+    ``allowed``, all by default), drawn without replacement by
+    ``numpy.random.default_rng(seed)``, classes in sorted order."""
     rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(y):
-        idx = np.flatnonzero(y == c)
-        k = min(max(int(round(fraction * idx.size)), 1), idx.size - 1)
-        picked.append(rng.permutation(idx)[:k])
-    return np.sort(np.concatenate(picked)).astype(np.int64) if picked else np.zeros(0, np.int64)
+    picked = [np.zeros(0, dtype=np.int64)]
+    for c in classes:
+        idx = np.flatnonzero(y == c if allowed is None else (y == c) & allowed)
+        picked.append(rng.permutation(idx)[:count(idx.size)])
+    return np.sort(np.concatenate(picked)).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,12 +439,7 @@ def balanced_subset(labels: np.ndarray | Sequence[int], fraction: float, seed: i
     allowed = np.ones(y.size, dtype=bool)
     if exclude is not None:
         allowed[np.asarray(exclude, dtype=np.int64)] = False
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in classes:
-        idx = np.flatnonzero((y == c) & allowed)
-        picked.append(rng.permutation(idx)[:per_class])
-    return np.sort(np.concatenate(picked)).astype(np.int64)
+    return _draw_per_class(y, classes, lambda n: per_class, seed, allowed)
 
 
 class _Classifier(nn.Module):
