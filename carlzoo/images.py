@@ -27,6 +27,7 @@ __all__ = [
     "find_images",
     "read_image",
     "to_rgb",
+    "resize_crop_box",
     "resize_crop",
     "ImageTransform",
     "ImageFiles",
@@ -203,6 +204,18 @@ def read_image(
         raise BadImage(path, f"{type(exc).__name__}: {exc}") from None
 
 
+def resize_crop_box(
+    height: int, width: int, resize_size: int, input_size: int
+) -> tuple[int, int, int, int]:
+    """``(height, width, top, left)`` of :func:`resize_crop`: the image's size once its
+    shorter side is ``resize_size`` (the longer one rounded), and the corner of the centre
+    ``input_size`` x ``input_size`` crop in it."""
+    r, s = resize_size, input_size
+    scale = r / min(height, width)
+    nh, nw = max(r, round(height * scale)), max(r, round(width * scale))
+    return nh, nw, (nh - s) // 2, (nw - s) // 2
+
+
 def resize_crop(
     img: Image.Image,
     resize_size: int,
@@ -210,15 +223,12 @@ def resize_crop(
     resample: Image.Resampling = Image.Resampling.BICUBIC,
 ) -> Image.Image:
     """Shorter side to ``resize_size``, then the centre ``input_size`` x ``input_size`` crop."""
-    r, s = resize_size, input_size
+    s = input_size
     w, h = img.size
-    if (w, h) != (r, r):
-        scale = r / min(w, h)
-        nw, nh = max(r, round(w * scale)), max(r, round(h * scale))
+    nh, nw, top, left = resize_crop_box(h, w, resize_size, s)
+    if (w, h) != (nw, nh):
         img = img.resize((nw, nh), resample)
-        w, h = nw, nh
-    if (w, h) != (s, s):
-        left, top = (w - s) // 2, (h - s) // 2
+    if (nw, nh) != (s, s):
         img = img.crop((left, top, left + s, top + s))
     return img
 

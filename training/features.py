@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from carlzoo.devices import parse_device
+from carlzoo.images import resize_crop_box
 from carlzoo.model import CARLModel
 
 __all__ = ["normalize_uint8", "extract_features"]
@@ -27,11 +28,9 @@ def normalize_uint8(
     x = x.float().div_(255.0)
     height, width = x.shape[-2:]
     if size is not None and (height, width) != (size, size):
-        scale = size / min(height, width)
-        nh, nw = max(size, round(height * scale)), max(size, round(width * scale))
+        nh, nw, top, left = resize_crop_box(height, width, size, size)
         x = F.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True, align_corners=False)
         x = x.clamp_(0.0, 1.0).mul_(255.0).round_().div_(255.0)
-        top, left = (nh - size) // 2, (nw - size) // 2
         x = x[..., top : top + size, left : left + size]
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
