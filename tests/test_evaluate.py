@@ -399,19 +399,25 @@ def test_cli_writes_documented_json(tiny_run, tmp_path, protocol):
     assert "top1" in res.output or "nmi" in res.output
 
 
+def _refused_before_any_work(tmp_path, protocol, *options):
+    """`carlzoo probe` with a model that must never be read; asserts no --out was written."""
+    out = tmp_path / "res.json"
+    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
+                                     "--data-root", str(tmp_path), "--protocol", protocol,
+                                     "--out", str(out), *options])
+    assert not out.exists()
+    return res
+
+
 @pytest.mark.parametrize(
     ("option", "value", "range_"),
     [("--k", "0", "x>=1"), ("--t", "0", "x>0"), ("--batch-size", "0", "x>=1"),
      ("--epochs", "-3", "x>=1")],
 )
 def test_cli_names_the_option_out_of_range(tmp_path, option, value, range_):
-    out = tmp_path / "res.json"
-    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
-                                     "--data-root", str(tmp_path), "--protocol", "semi1",
-                                     "--out", str(out), option, value])
+    res = _refused_before_any_work(tmp_path, "semi1", option, value)
     assert res.exit_code == 2
     assert f"Invalid value for '{option}': {value}" in res.output and range_ in res.output
-    assert not out.exists()
 
 
 def test_cli_linear_probe_with_the_weight_decay_chosen_on_held_out_rows(tiny_run, tmp_path):
@@ -440,36 +446,24 @@ def test_cli_linear_probe_with_the_weight_decay_chosen_on_held_out_rows(tiny_run
 
 @pytest.mark.parametrize("value", ["often", "-1", "nan", "inf"])
 def test_cli_refuses_a_weight_decay_that_is_neither_a_number_nor_auto(tmp_path, value):
-    out = tmp_path / "res.json"
-    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
-                                     "--data-root", str(tmp_path), "--protocol", "linear",
-                                     "--out", str(out), "--weight-decay", value])
+    res = _refused_before_any_work(tmp_path, "linear", "--weight-decay", value)
     assert res.exit_code == 2
     assert (f"Invalid value for '--weight-decay': {value!r} is not a number >= 0 or 'auto'"
             in res.output)
-    assert not out.exists()
 
 
 def test_cli_refuses_a_weight_decay_for_a_protocol_without_one(tmp_path):
-    out = tmp_path / "res.json"
-    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
-                                     "--data-root", str(tmp_path), "--protocol", "knn",
-                                     "--out", str(out), "--weight-decay", "auto"])
+    res = _refused_before_any_work(tmp_path, "knn", "--weight-decay", "auto")
     assert res.exit_code == 2
     assert "Error: --weight-decay is for --protocol linear, not knn" in res.output
-    assert not out.exists()
 
 
 def test_cli_bad_device_name_is_one_line_before_any_work(tmp_path):
-    out = tmp_path / "res.json"
-    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
-                                     "--data-root", str(tmp_path), "--protocol", "knn",
-                                     "--out", str(out), "--device", "gpu"])
+    res = _refused_before_any_work(tmp_path, "knn", "--device", "gpu")
     assert res.exit_code == 1
     assert res.output.strip() == (
         "Error: device='gpu' is not a device name; use auto, cpu, cuda or cuda:N"
     )
-    assert not out.exists()
 
 
 @pytest.mark.parametrize("protocol", ["semi1", "finetune"])
