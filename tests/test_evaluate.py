@@ -61,6 +61,18 @@ def test_non_finite_features_are_refused_by_name(probe, which):
     )
 
 
+@pytest.mark.parametrize("probe", [evaluate.linear_eval, evaluate.knn_eval,
+                                   lambda x, y, *_: evaluate.select_weight_decay(x, y)])
+def test_features_and_labels_that_do_not_pair_up_are_refused(probe):
+    x, y = _blobs(10)  # 50 rows
+    with pytest.raises(ValueError) as e:
+        probe(x, y[:40], x, y)
+    assert str(e.value) == (
+        "train_features (50, 16) and train_labels (40,) do not pair up: expected (N, D) "
+        "features and (N,) labels"
+    )
+
+
 def test_shuffled_labels_give_chance():
     rng = np.random.default_rng(0)
     n_classes = 4

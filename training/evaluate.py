@@ -248,6 +248,20 @@ def _finite(x: Tensor, name: str) -> Tensor:
     return x
 
 
+def _split(features: np.ndarray | Tensor, labels: np.ndarray | Tensor,
+           name: str) -> tuple[Tensor, Tensor]:
+    """One split's (N, D) features and (N,) int64 labels as tensors; ValueError (one line)
+    when the features are not finite or the two do not pair up row for row."""
+    x = _finite(_tensor(features), f"{name}_features")
+    y = _tensor(labels, torch.long)
+    if x.ndim != 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{name}_features {tuple(x.shape)} and {name}_labels {tuple(y.shape)} do not pair "
+            "up: expected (N, D) features and (N,) labels"
+        )
+    return x, y
+
+
 def _num_classes(*labels: Tensor, num_classes: int | None = None) -> int:
     found = max(int(y.max()) + 1 for y in labels if y.numel())
     return max(found, num_classes or 0)
@@ -264,11 +278,10 @@ def knn_eval(train_features: np.ndarray | Tensor, train_labels: np.ndarray | Ten
              device: str | torch.device | None = "cpu") -> dict[str, Any]:
     """Weighted cosine kNN (votes exp(s/T)) on ``device``; k is clipped to the train set size."""
     dev = resolve_device(device)
-    ytr, yte = _tensor(train_labels, torch.long), _tensor(test_labels, torch.long)
+    xtr, ytr = _split(train_features, train_labels, "train")
+    xte, yte = _split(test_features, test_labels, "test")
     c = _num_classes(ytr, yte, num_classes=num_classes)
-    acc = knn_accuracy(_finite(_tensor(train_features), "train_features"), ytr,
-                       _finite(_tensor(test_features), "test_features"), yte, k=k, t=t,
-                       num_classes=c, device=dev)
+    acc = knn_accuracy(xtr, ytr, xte, yte, k=k, t=t, num_classes=c, device=dev)
     return {**acc, "k": int(k), "k_used": int(min(k, ytr.numel())), "t": float(t)}
 
 
@@ -294,10 +307,9 @@ def linear_eval(train_features: np.ndarray | Tensor, train_labels: np.ndarray | 
     covariance): the same objective and optimum, reached in far fewer iterations.
     """
     dev = resolve_device(device)
-    xtr = _finite(_tensor(train_features).float(), "train_features").to(dev)
-    xte = _finite(_tensor(test_features).float(), "test_features").to(dev)
-    ytr = _tensor(train_labels, torch.long).to(dev)
-    yte = _tensor(test_labels, torch.long).to(dev)
+    xtr, ytr = _split(train_features, train_labels, "train")
+    xte, yte = _split(test_features, test_labels, "test")
+    xtr, xte, ytr, yte = xtr.float().to(dev), xte.float().to(dev), ytr.to(dev), yte.to(dev)
     c = _num_classes(ytr, yte, num_classes=num_classes)
     t0 = time.perf_counter()
     if standardize:
@@ -366,8 +378,7 @@ def select_weight_decay(train_features: np.ndarray | Tensor, train_labels: np.nd
         raise ValueError(f"grid must hold weight decays >= 0, got {list(grid)}")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    x = _tensor(train_features)
-    y = _tensor(train_labels, torch.long)
+    x, y = _split(train_features, train_labels, "train")
     c = _num_classes(y, num_classes=num_classes)
     val = torch.from_numpy(held_out_rows(y.numpy(), val_fraction, seed))
     if not val.numel():
