@@ -379,7 +379,8 @@ def test_optimizer_groups_exclude_norms_and_biases_from_decay():
     from carlzoo.training.train import build_optimizer
 
     model = build_model(ModelConfig(width=4, num_prototypes=10))
-    for name in ("sgd", "lars"):
+    kinds = {}
+    for name in ("sgd", "lars", "adamw"):
         cfg = load_config(None, [f"optim.optimizer={name}"])
         opt = build_optimizer(model, cfg, torch.device("cpu"))
         decay, no_decay = opt.param_groups
@@ -389,7 +390,34 @@ def test_optimizer_groups_exclude_norms_and_biases_from_decay():
         assert all(p.ndim <= 1 for p in no_decay["params"])
         n = sum(len(g["params"]) for g in opt.param_groups)
         assert n == len(list(model.parameters()))
-    assert type(opt).__name__ == "Lars"
+        kinds[name] = opt
+    assert type(kinds["lars"]).__name__ == "Lars"
+    assert type(kinds["adamw"]) is torch.optim.AdamW
+    cfg = load_config(None, ["optim.optimizer=adamw", "optim.momentum=0.8"])
+    assert build_optimizer(model, cfg, torch.device("cpu")).defaults["betas"] == (0.8, 0.999)
+
+
+def test_adamw_decay_is_decoupled_and_skips_norms_and_biases():
+    """One AdamW step on zero gradients: weights shrink by lr x weight_decay, 1-d tensors stay."""
+    from carlzoo.model import ModelConfig, build_model
+    from carlzoo.training.train import build_optimizer
+
+    model = build_model(ModelConfig(width=4, num_prototypes=10))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = load_config(None, ["optim.optimizer=adamw", "optim.lr=0.1", "optim.weight_decay=0.5"])
+    build_optimizer(model, cfg, torch.device("cpu")).step()
+    for p, q in zip(model.parameters(), before, strict=True):
+        expected = q * (1 - 0.1 * 0.5) if p.ndim > 1 else q
+        torch.testing.assert_close(p.detach(), expected)
+
+
+def test_adamw_run_trains(tmp_path, tiny_npz):
+    cfg = tiny_config(
+        tiny_npz, "epochs=1", "knn_every=0", "optim.optimizer=adamw", "optim.lr=0.002"
+    )
+    assert np.isfinite(train(cfg, tmp_path / "run", progress=False)["loss"])
 
 
 def test_lars_run_trains(tmp_path, tiny_npz):
@@ -433,15 +461,17 @@ def test_bf16_training_step_matches_the_fp32_step():
     assert cosine > 0.75, float(cosine)
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize(
     ("before", "after"), [("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cuda")]
 )
 def test_resume_across_optimizer_kinds_keeps_buffer_layout_and_this_runs_flags(
-    tmp_path, tiny_npz, monkeypatch, before, after
+    tmp_path, tiny_npz, monkeypatch, before, after, optimizer
 ):
-    """On CUDA the optimizer is fused SGD; its kernel needs momentum buffers laid out like their
-    channels_last conv weights, which checkpoints store contiguous. The CPU's fused SGD kernel
-    stands in (it computes wrong updates from such buffers rather than refusing them)."""
+    """On CUDA the optimizer is fused SGD / AdamW; its kernel needs state buffers laid out like
+    their channels_last conv weights, which checkpoints store contiguous, and AdamW's step
+    counts as float32 beside them. The CPU's fused kernels stand in (they compute wrong
+    updates from such buffers rather than refusing them)."""
     import carlzoo.training.train as train_mod
 
     built = []
@@ -452,7 +482,8 @@ def test_resume_across_optimizer_kinds_keeps_buffer_layout_and_this_runs_flags(
         built.append(real_build(model, cfg, torch.device(kind["device"])))
         return built[-1]
 
-    cfg = tiny_config(tiny_npz, "epochs=2", "knn_every=0", "channels_last=true")
+    sets = [f"optim.optimizer={optimizer}"] + (["optim.lr=0.002"] if optimizer == "adamw" else [])
+    cfg = tiny_config(tiny_npz, "epochs=2", "knn_every=0", "channels_last=true", *sets)
     train(cfg, tmp_path / "full", progress=False)  # the plain CPU optimizer throughout
     monkeypatch.setattr(train_mod, "build_optimizer", build)
     train(cfg, tmp_path / "split", progress=False, stop_after=1)
@@ -460,10 +491,17 @@ def test_resume_across_optimizer_kinds_keeps_buffer_layout_and_this_runs_flags(
     train(cfg, tmp_path / "split", progress=False, resume=True)
 
     resumed = built[-1]
+    buffers = ("exp_avg", "exp_avg_sq") if optimizer == "adamw" else ("momentum_buffer",)
+    steps = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors").step
     for group in resumed.param_groups:
         assert bool(group["fused"]) == (after == "cuda")
         for p in group["params"]:
-            assert resumed.state[p]["momentum_buffer"].stride() == p.stride()
+            state = resumed.state[p]
+            for name in buffers:
+                assert state[name].stride() == p.stride(), name
+            if optimizer == "adamw":
+                assert state["step"].dtype == torch.float32 and state["step"].ndim == 0
+                assert float(state["step"]) == steps
     assert any(p.ndim == 4 and not p.is_contiguous() for p in resumed.param_groups[0]["params"])
     wa = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.safetensors").model
     wb = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.safetensors").model

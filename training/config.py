@@ -100,7 +100,7 @@ _TRAIN_BOUNDS: dict[str, Bound] = {
     "seed": Bound(0, 2**63 - 1),  # torch.manual_seed's and numpy's range
 }
 _DATA_CHOICES = {"dataset": DATASETS, "pipeline": ("device", "dataloader")}
-_OPTIM_CHOICES = {"optimizer": ("sgd", "lars")}
+_OPTIM_CHOICES = {"optimizer": ("sgd", "lars", "adamw")}
 _TRAIN_CHOICES = {"precision": ("bf16", "fp32")}
 
 
@@ -122,13 +122,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "sgd"  # "sgd" or "lars"
+    optimizer: str = "sgd"  # "sgd", "lars" or "adamw"
     batch_size: int = 256  # global batch (split over processes under torchrun)
     lr: float = 0.6  # peak learning rate at batch_size
     min_lr: float = 0.0006
     warmup_epochs: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD / LARS momentum; AdamW's beta1
+    weight_decay: float = 5e-4  # AdamW: decoupled (lr x weight_decay per step)
     lars_eta: float = 0.02  # trust coefficient for optimizer=lars
 
     def __post_init__(self) -> None:

@@ -89,7 +89,9 @@ def decay_groups(params: Iterable[nn.Parameter], weight_decay: float) -> list[di
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    """SGD with momentum or LARS; no weight decay (and no LARS adaptation) on norms and biases."""
+    """SGD with momentum, LARS or AdamW; no weight decay (and no LARS adaptation) on norms and
+    biases. AdamW takes ``optim.momentum`` as beta1 (0.9 by default, Adam's own) and 0.999
+    as beta2."""
     o = cfg.optim
     groups = decay_groups(model.parameters(), o.weight_decay)
     if o.optimizer == "lars":
@@ -99,9 +101,10 @@ def build_optimizer(
 
         return Lars(groups, lr=o.lr, momentum=o.momentum, trust_coeff=o.lars_eta)
     fused = device.type == "cuda"
-    return torch.optim.SGD(
-        groups, lr=o.lr, momentum=o.momentum, fused=fused, foreach=None if fused else True
-    )
+    flags = {"fused": fused, "foreach": None if fused else True}
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=(o.momentum, 0.999), **flags)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, **flags)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -111,20 +114,25 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     machine that saved the state, and leaves its tensors contiguous as checkpoints store them.
     This run keeps its own flags, and each state tensor gets its parameter's memory layout
     (channels_last conv weights): CUDA's fused SGD refuses tensors of unequal strides, and the
-    CPU's computes wrong updates with them.
+    CPU's computes wrong updates with them. AdamW's step counts go where this run's kernels
+    read them: float32 on the parameter's device for the fused ones, the host otherwise.
     """
     flags = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
         group.update(flags)
+        on_device = bool(group.get("fused") or group.get("capturable"))
         for p in group["params"]:
             slots = optimizer.state.get(p, {})
             for key, value in slots.items():
-                if (
-                    isinstance(value, Tensor)
-                    and value.shape == p.shape
-                    and value.stride() != p.stride()
-                ):
+                if not isinstance(value, Tensor):
+                    continue
+                if key == "step" and value.ndim == 0:
+                    if on_device:
+                        slots[key] = value.to(device=p.device, dtype=torch.float32)
+                    else:
+                        slots[key] = value.cpu()
+                elif value.shape == p.shape and value.stride() != p.stride():
                     slots[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
