@@ -14,8 +14,8 @@ import click
     "config_path",
     default=None,
     metavar="YAML_OR_PRESET",
-    help="YAML recipe or preset name (cifar10, cifar10_fast, cifar100, stl10, tinyimagenet, "
-    "imagenet64).",
+    help="YAML recipe or preset name (cifar10, cifar10_fast, cifar10_adamw, cifar100, stl10, "
+    "tinyimagenet, imagenet64).",
 )
 @click.option("--dataset", default=None, help="Dataset name (overrides data.dataset).")
 @click.option("--data-root", default=None, help="Folder (or .npz file) holding the dataset.")

@@ -43,6 +43,22 @@ def test_a_preset_name_is_found_beside_a_folder_of_that_name(tmp_path, monkeypat
     assert "cifar10_fast" in preset_names() and set(PRESETS) <= set(preset_names())
 
 
+def test_the_adamw_candidate_changes_only_the_optimizer_of_the_fast_recipe():
+    """cifar10_adamw is a one-factor change of cifar10_fast, so that their runs compare."""
+    from carlzoo.training.config import config_to_dict, flat_config
+
+    names = ("cifar10_fast", "cifar10_adamw")
+    fast, adamw = (flat_config(config_to_dict(load_config(n))) for n in names)
+    changed = {k: (fast[k], adamw[k]) for k in fast if fast[k] != adamw[k]}
+    assert changed == {
+        "optim.optimizer": ("sgd", "adamw"),
+        "optim.lr": (0.6, 0.004),
+        "optim.min_lr": (0.0006, 0.000004),
+        "optim.warmup_epochs": (10, 2),
+        "optim.weight_decay": (0.0005, 0.000001),
+    }
+
+
 def test_preset_prototype_counts_follow_the_paper():
     assert load_config("cifar10").model.num_prototypes == 100
     assert load_config("cifar100").model.num_prototypes == 300
@@ -92,7 +108,10 @@ def test_unknown_key_lists_the_valid_ones():
         ("compile=maybe", "compile: expected true or false"),
         ("data.pipeline=gpu", "data.pipeline='gpu': expected one of"),
         ("data.dataset=mnist", r"data.dataset='mnist': expected one of \['cifar10', 'cifar100'"),
-        ("optim.optimizer=adam", r"optim.optimizer='adam': expected one of \['sgd', 'lars'\]"),
+        (
+            "optim.optimizer=adam",
+            r"optim.optimizer='adam': expected one of \['sgd', 'lars', 'adamw'\]",
+        ),
         ("precision=fp16", r"precision='fp16': expected one of \['bf16', 'fp32'\]"),
         ("device=gpu", r"device='gpu' is not a device name; use auto, cpu, cuda or cuda:N"),
         ("device=cuda:x", r"device='cuda:x' is not a device name"),
