@@ -14,7 +14,9 @@
 # Each step fits a 10-minute job. TIME_LIMIT (default 560 s) bounds the training script:
 # it ends training early, evaluates and says so when the recipe would not fit. EPOCHS
 # shortens the schedule itself (default: the recipe's 200 epochs). SETS="key=value ..." changes
-# the recipe (train and sweep), e.g. SETS="optim.lr=0.3 model.num_prototypes=300".
+# the recipe (train and sweep), e.g. SETS="optim.lr=0.3 model.num_prototypes=300". CONFIG
+# names another recipe for train and sweep (a preset name such as cifar10_adamw, or a YAML
+# path from the repository root; default: training/configs/cifar10_fast.yaml).
 # Each step needs an empty (or new) OUT of its own: an earlier result there would be
 # overwritten, or joined with this one.
 set -euo pipefail
@@ -56,7 +58,8 @@ case "$STEP" in
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
             timeout 595 python3 benchmarks/gpu_cifar10.py --data "$DATA" --out "$OUT" \
-                --time-limit "${TIME_LIMIT:-560}" ${EPOCHS:+--epochs "$EPOCHS"} "${sets[@]}"
+                ${CONFIG:+--config "$CONFIG"} --time-limit "${TIME_LIMIT:-560}" \
+                ${EPOCHS:+--epochs "$EPOCHS"} "${sets[@]}"
         } 2>&1 | tee "$OUT/train.log"
         ;;
     throughput)
@@ -76,7 +79,8 @@ case "$STEP" in
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
             timeout 590 python3 benchmarks/gpu_sweep.py --data "$DATA" --out "$OUT" \
-                --time-limit "${TIME_LIMIT:-540}" --epochs "${EPOCHS:?set EPOCHS}" \
+                ${CONFIG:+--config "$CONFIG"} --time-limit "${TIME_LIMIT:-540}" \
+                --epochs "${EPOCHS:?set EPOCHS}" \
                 "${args[@]}" "${sets[@]}"
         } 2>&1 | tee "$OUT/sweep.log"
         ;;

@@ -335,6 +335,24 @@ def test_gpu_run_refuses_an_out_that_is_not_empty(tmp_path, step, earlier):
     assert (out / earlier).read_text() == "earlier result\n"
 
 
+@pytest.mark.parametrize("step", ["train", "sweep"])
+def test_gpu_run_trains_the_recipe_config_names(tmp_path, step):
+    """CONFIG reaches the training script: an unknown recipe is refused by name."""
+    data = random_npz(tmp_path / "c10.npz", 64, size=32, classes=10, n_test=16)
+    out = tmp_path / "out"
+    env = {**os.environ, "DATA": str(data), "OUT": str(out), "STEP": step, "EPOCHS": "1",
+           "VARIANTS": "base", "CONFIG": "no_such_recipe", "SETS": "model.width=4 device=cpu",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "no preset named 'no_such_recipe'; presets: cifar10, cifar100, cifar10_adamw" in (
+        result.stdout.strip().splitlines()[-1]
+    )
+
+
 def test_gpu_sweep_refuses_an_out_holding_an_earlier_sweep(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
