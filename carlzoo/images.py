@@ -209,7 +209,9 @@ def resize_crop_box(
 ) -> tuple[int, int, int, int]:
     """``(height, width, top, left)`` of :func:`resize_crop`: the image's size once its
     shorter side is ``resize_size`` (the longer one rounded), and the corner of the centre
-    ``input_size`` x ``input_size`` crop in it."""
+    ``input_size`` x ``input_size`` crop in it. An image without pixels has no such box."""
+    if min(height, width) < 1:
+        raise ValueError(f"cannot resize an empty image ({width}x{height})")
     r, s = resize_size, input_size
     scale = r / min(height, width)
     nh, nw = max(r, round(height * scale)), max(r, round(width * scale))

@@ -219,6 +219,15 @@ def test_image_files_dataset_carries_failures(tmp_path: Path) -> None:
     assert collate_images([ds[1]]) == ([], None, [(1, failures[0][1])])
 
 
+@pytest.mark.parametrize("size", [(0, 5), (5, 0), (0, 0)])
+def test_resize_crop_refuses_an_empty_image(size: tuple[int, int]) -> None:
+    from carlzoo.images import resize_crop
+
+    w, h = size
+    with pytest.raises(ValueError, match=rf"^cannot resize an empty image \({w}x{h}\)$"):
+        resize_crop(Image.new("RGB", size), 36, 32)
+
+
 def test_transform_resize_crop_geometry() -> None:
     tf = ImageTransform(16, 20, "bicubic", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert tf.resize_crop(Image.new("RGB", (40, 80))).size == (16, 16)
