@@ -112,27 +112,24 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
 
     ``Optimizer.load_state_dict`` takes the implementation flags (``fused``, ``foreach``) of the
     machine that saved the state, and leaves its tensors contiguous as checkpoints store them.
-    This run keeps its own flags, and each state tensor gets its parameter's memory layout
-    (channels_last conv weights): CUDA's fused SGD refuses tensors of unequal strides, and the
-    CPU's computes wrong updates with them. AdamW's step counts go where this run's kernels
-    read them: float32 on the parameter's device for the fused ones, the host otherwise.
+    The state is loaded with this run's flags instead, so torch itself places AdamW's step
+    counts where this run's kernels read them (float32 beside the parameter for fused ones),
+    and each state tensor gets its parameter's memory layout (channels_last conv weights):
+    CUDA's fused SGD refuses tensors of unequal strides, and the CPU's computes wrong updates
+    with them.
     """
     flags = {k: optimizer.defaults[k] for k in ("fused", "foreach") if k in optimizer.defaults}
-    optimizer.load_state_dict(state)
+    groups = [{**group, **flags} for group in state["param_groups"]]
+    optimizer.load_state_dict({**state, "param_groups": groups})
     for group in optimizer.param_groups:
-        group.update(flags)
-        on_device = bool(group.get("fused") or group.get("capturable"))
         for p in group["params"]:
             slots = optimizer.state.get(p, {})
             for key, value in slots.items():
-                if not isinstance(value, Tensor):
-                    continue
-                if key == "step" and value.ndim == 0:
-                    if on_device:
-                        slots[key] = value.to(device=p.device, dtype=torch.float32)
-                    else:
-                        slots[key] = value.cpu()
-                elif value.shape == p.shape and value.stride() != p.stride():
+                if (
+                    isinstance(value, Tensor)
+                    and value.shape == p.shape
+                    and value.stride() != p.stride()
+                ):
                     slots[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
