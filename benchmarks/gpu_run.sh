@@ -18,7 +18,9 @@
 # names another recipe for train and sweep (a preset name such as cifar10_adamw, or a YAML
 # path from the repository root; default: training/configs/cifar10_fast.yaml).
 # Each step needs an empty (or new) OUT of its own: an earlier result there would be
-# overwritten, or joined with this one.
+# overwritten, or joined with this one. A step whose script refuses its arguments (exit
+# status 2: an unknown recipe, a missing file) leaves OUT as it found it, its log printed
+# only, so the corrected command can run into the same OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -40,15 +42,20 @@ if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
         "empty OUT: choose another OUT or empty it" >&2
     exit 2
 fi
+if [ "$STEP" = sweep ]; then
+    : "${VARIANTS:?set VARIANTS to NAME[:key=value,...] words}" "${EPOCHS:?set EPOCHS}"
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # The installed layout (carlzoo, carlzoo.training, ...) without pip: a copy on PYTHONPATH.
 SITE=$(mktemp -d)
+trap 'rm -rf "$SITE"' EXIT
 cp -r carlzoo "$SITE/carlzoo"
 cp -r training "$SITE/carlzoo/training"
 cp -r export "$SITE/carlzoo/export"
 cp -r cli "$SITE/carlzoo/cli"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+status=0
 sets=()
 for kv in ${SETS:-}; do
     sets+=(--set "$kv")
@@ -60,7 +67,8 @@ case "$STEP" in
             timeout 595 python3 benchmarks/gpu_cifar10.py --data "$DATA" --out "$OUT" \
                 ${CONFIG:+--config "$CONFIG"} --time-limit "${TIME_LIMIT:-560}" \
                 ${EPOCHS:+--epochs "$EPOCHS"} "${sets[@]}"
-        } 2>&1 | tee "$OUT/train.log"
+        } 2>&1 | tee "$OUT/train.log" || status=$?
+        log=train.log
         ;;
     throughput)
         {
@@ -69,22 +77,32 @@ case "$STEP" in
                 --workers 16 --compile-augment --json "$OUT/throughput.json"
             timeout 180 python3 benchmarks/augment_cost.py --device cuda --compile \
                 --json "$OUT/augment_cost.json"
-        } 2>&1 | tee "$OUT/throughput.txt"
+        } 2>&1 | tee "$OUT/throughput.txt" || status=$?
+        log=throughput.txt
         ;;
     sweep)
         args=()
-        for v in ${VARIANTS:?set VARIANTS to NAME[:key=value,...] words}; do
+        for v in $VARIANTS; do
             args+=(--variant "$v")
         done
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
             timeout 590 python3 benchmarks/gpu_sweep.py --data "$DATA" --out "$OUT" \
                 ${CONFIG:+--config "$CONFIG"} --time-limit "${TIME_LIMIT:-540}" \
-                --epochs "${EPOCHS:?set EPOCHS}" \
+                --epochs "$EPOCHS" \
                 "${args[@]}" "${sets[@]}"
-        } 2>&1 | tee "$OUT/sweep.log"
+        } 2>&1 | tee "$OUT/sweep.log" || status=$?
+        log=sweep.log
         ;;
 esac
+if [ "$status" -ne 0 ]; then
+    # Exit status 2 is a refusal before any work (argparse's and the scripts' own): with
+    # nothing in OUT but the log, whose text is above, OUT is left empty for the rerun.
+    if [ "$status" -eq 2 ] && [ "$(ls -A "$OUT")" = "$log" ]; then
+        rm -f "$OUT/$log"
+    fi
+    exit "$status"
+fi
 # Results small enough to copy off a machine that limits them: at most 8 files of 16 MiB.
 n=$(find "$OUT" -type f | wc -l)
 big=$(find "$OUT" -type f -size +16M | wc -l)

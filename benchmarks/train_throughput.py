@@ -198,8 +198,9 @@ def main() -> None:
     if args.data:
         try:
             images = load_split("npz", args.data, "train").images
-        except DatasetError as e:
-            sys.exit(f"train_throughput.py: error: --data: {e}")
+        except DatasetError as e:  # a refusal of an argument: argparse's exit status 2
+            print(f"train_throughput.py: error: --data: {e}", file=sys.stderr)
+            sys.exit(2)
     else:
         n = max(4 * args.batch_size, 2048 if args.cpu_smoke else CIFAR10_TRAIN)
         images = np.random.default_rng(0).integers(

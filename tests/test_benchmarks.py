@@ -351,6 +351,38 @@ def test_gpu_run_trains_the_recipe_config_names(tmp_path, step):
     assert "no preset named 'no_such_recipe'; presets: cifar10, cifar100, cifar10_adamw" in (
         result.stdout.strip().splitlines()[-1]
     )
+    assert list(out.iterdir()) == []  # the refusal leaves OUT free for the corrected call
+
+
+@pytest.mark.parametrize(
+    ("step", "log"),
+    [("train", "train.log"), ("sweep", "sweep.log"), ("throughput", "throughput.txt")],
+)
+@pytest.mark.parametrize("code", [1, 2])
+def test_gpu_run_keeps_a_failed_steps_log_unless_its_script_refused_the_arguments(
+    tmp_path, step, log, code
+):
+    """Exit status 2 (a refusal before any work) leaves OUT empty; any other failure keeps
+    the log, and the script's status is the job's."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text(f"#!/bin/sh\necho 'the script says no'\nexit {code}\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "DATA": str(tmp_path / "c10.npz"), "OUT": str(out), "STEP": step,
+           "EPOCHS": "1", "VARIANTS": "base", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "the script says no" in result.stdout
+    if code == 2:
+        assert list(out.iterdir()) == []
+    else:
+        assert [p.name for p in out.iterdir()] == [log]
+        assert "the script says no" in (out / log).read_text()
 
 
 def test_gpu_sweep_refuses_an_out_holding_an_earlier_sweep(tmp_path):
@@ -478,7 +510,7 @@ def test_gpu_scripts_refuse_bad_input_before_writing(tmp_path):
     assert "--join OUT" not in doc and "--out OUT --join" in doc
     throughput = str(ROOT / "benchmarks" / "train_throughput.py")
     result = _run_script(throughput, "--data", str(npy), "--cpu-smoke")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
         f"train_throughput.py: error: --data: npz: {npy} is not an .npz file (a zip of named "
         "arrays, as np.savez writes)"
