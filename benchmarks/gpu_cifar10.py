@@ -47,6 +47,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -477,6 +478,10 @@ def measure_lossless(run: Path, dest: Path, lossless: Path) -> list[dict]:
     return measured
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", help="CIFAR-10 .npz (plain or WebP-encoded)")
@@ -522,6 +527,9 @@ def main() -> None:
         except DatasetError as e:
             p.error(f"--lossless: {e}")
     if args.join:
+        # SIGTERM (`timeout`, `kill`) as an exception, so the half-built copy beside OUT/run
+        # is removed as it is after an error or Ctrl-C.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             join(out, Path(args.lossless) if args.lossless else None)
         except JoinError as e:

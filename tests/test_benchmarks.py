@@ -3,8 +3,10 @@
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -287,6 +289,25 @@ def test_gpu_cifar10_join_lossless_results_are_the_published_cifar10_ones(tmp_pa
     assert exported["linear_top1"] == round(evals[1]["top1"], 6)
     assert exported["cifar10_run_knn_top1"] == 12.5
     assert exported["cifar10_run_linear_top1"] == 25.0
+
+
+def test_gpu_cifar10_join_stopped_by_sigterm_leaves_no_half_built_copy(tmp_path):
+    data = random_npz(tmp_path / "cifar10.npz", 96, size=32, classes=10, n_test=32)
+    out = tmp_path / "out"
+    _fake_gpu_out(out, data)
+    proc = subprocess.Popen(
+        [sys.executable, GPU, "--out", str(out), "--join", "--lossless", str(data)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(out.glob(".join-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert list(out.glob(".join-*")), "the join never started building"
+    proc.send_signal(signal.SIGTERM)  # while it measures on the lossless copy
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert not (out / "run").exists()
 
 
 def test_gpu_cifar10_refuses_an_out_holding_an_earlier_run(tmp_path):
