@@ -331,6 +331,22 @@ def test_gpu_cifar10_refuses_an_out_holding_an_earlier_run(tmp_path):
 
 
 
+def _gpu_job(
+    step: str, data: Path, out: Path, *, python_dir: Path | None = None, timeout: float = 60,
+    **env: str,
+) -> subprocess.CompletedProcess:
+    """benchmarks/gpu_run.sh's STEP on DATA into OUT (a sweep: one variant for one epoch), with
+    ``python_dir`` first on PATH (the python3 the job runs) and ``env`` added."""
+    full = {**os.environ, "DATA": str(data), "OUT": str(out), "STEP": step, "EPOCHS": "1",
+            "VARIANTS": "base", **env}
+    if python_dir is not None:
+        full["PATH"] = f"{python_dir}{os.pathsep}{os.environ['PATH']}"
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh")],
+        capture_output=True, text=True, timeout=timeout, env=full,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("step", "earlier"),
     [("train", "train.log"),  # checked before tee replaces it
@@ -341,12 +357,7 @@ def test_gpu_run_refuses_an_out_that_is_not_empty(tmp_path, step, earlier):
     out = tmp_path / "out"
     out.mkdir()
     (out / earlier).write_text("earlier result\n")
-    env = {**os.environ, "DATA": str(tmp_path / "unused.npz"), "OUT": str(out), "STEP": step,
-           "EPOCHS": "1", "VARIANTS": "base"}
-    result = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh")],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+    result = _gpu_job(step, tmp_path / "unused.npz", out)
     assert result.returncode == 2, result.stderr[-2000:]
     assert _last_line(result) == (
         f"gpu_run.sh: OUT={out} is not empty (it holds: {earlier}); each step writes into an "
@@ -361,12 +372,9 @@ def test_gpu_run_trains_the_recipe_config_names(tmp_path, step):
     """CONFIG reaches the training script: an unknown recipe is refused by name."""
     data = random_npz(tmp_path / "c10.npz", 64, size=32, classes=10, n_test=16)
     out = tmp_path / "out"
-    env = {**os.environ, "DATA": str(data), "OUT": str(out), "STEP": step, "EPOCHS": "1",
-           "VARIANTS": "base", "CONFIG": "no_such_recipe", "SETS": "model.width=4 device=cpu",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh")],
-        capture_output=True, text=True, timeout=120, env=env,
+    result = _gpu_job(
+        step, data, out, python_dir=Path(sys.executable).parent, timeout=120,
+        CONFIG="no_such_recipe", SETS="model.width=4 device=cpu",
     )  # fmt: skip
     assert result.returncode == 2, result.stdout[-2000:]
     assert "no preset named 'no_such_recipe'; presets: cifar10, cifar100, cifar10_adamw" in (
@@ -391,12 +399,7 @@ def test_gpu_run_keeps_a_failed_steps_log_unless_its_script_refused_the_argument
     fake.write_text(f"#!/bin/sh\necho 'the script says no'\nexit {code}\n")
     fake.chmod(0o755)
     out = tmp_path / "out"
-    env = {**os.environ, "DATA": str(tmp_path / "c10.npz"), "OUT": str(out), "STEP": step,
-           "EPOCHS": "1", "VARIANTS": "base", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh")],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
+    result = _gpu_job(step, tmp_path / "c10.npz", out, python_dir=bin_dir)
     assert result.returncode == code, result.stderr[-2000:]
     assert "the script says no" in result.stdout
     if code == 2:
