@@ -73,10 +73,11 @@ case "$STEP" in
     throughput)
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+            # `&&`: errexit does not apply inside a pipeline that `|| status=$?` tests.
             timeout 360 python3 benchmarks/train_throughput.py --data "$DATA" --batch-size 512 \
-                --workers 16 --compile-augment --json "$OUT/throughput.json"
-            timeout 180 python3 benchmarks/augment_cost.py --device cuda --compile \
-                --json "$OUT/augment_cost.json"
+                --workers 16 --compile-augment --json "$OUT/throughput.json" &&
+                timeout 180 python3 benchmarks/augment_cost.py --device cuda --compile \
+                    --json "$OUT/augment_cost.json"
         } 2>&1 | tee "$OUT/throughput.txt" || status=$?
         log=throughput.txt
         ;;

@@ -401,7 +401,7 @@ def test_gpu_run_keeps_a_failed_steps_log_unless_its_script_refused_the_argument
     out = tmp_path / "out"
     result = _gpu_job(step, tmp_path / "c10.npz", out, python_dir=bin_dir)
     assert result.returncode == code, result.stderr[-2000:]
-    assert "the script says no" in result.stdout
+    assert result.stdout.count("the script says no") == 1  # the step's next script not run
     if code == 2:
         assert list(out.iterdir()) == []
     else:
