@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 TIMEOUT = 240
 
 
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args: str, nproc: int = 2, ok: bool = True) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
@@ -38,7 +38,7 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
         timeout=TIMEOUT,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (result.returncode == 0) == ok, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -120,3 +120,18 @@ def test_resume_needs_every_rank_to_see_the_same_checkpoint(tmp_path, rank1_has)
                 f"--resume: the processes see different checkpoints in {node / 'checkpoints'} "
                 "(from no checkpoint to epoch 1); every node must read the same run folder"
             )
+
+
+def test_sync_bn_on_cpu_processes_is_refused_before_the_data_is_read(tmp_path):
+    run = tmp_path / "run"
+    result = torchrun(
+        "-m", "carlzoo.cli", "train", "--dataset", "npz", "--data-root",
+        str(tmp_path / "missing.npz"),  # read after the check: it would fail otherwise
+        "--out", str(run), "--no-progress", *set_args(*TINY_TRAIN_SETS, "sync_bn=true"),
+        ok=False,
+    )
+    assert (
+        "Error: sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm has no CPU kernel); "
+        "use --set sync_bn=false on CPU processes"
+    ) in result.stderr
+    assert "missing.npz" not in result.stderr and not run.exists()

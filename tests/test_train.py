@@ -329,6 +329,24 @@ def test_dataloader_pipeline_trains(tmp_path, tiny_npz):
     assert np.isfinite(last["loss"])
 
 
+@pytest.mark.parametrize("where", ["out", "parent"])
+def test_an_out_that_cannot_be_a_folder_is_refused_before_the_data_is_read(tmp_path, where):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    out = blocker if where == "out" else blocker / "sub" / "run"
+    cfg = tiny_config(tmp_path / "missing.npz", "epochs=1")  # read first, it would fail
+    with pytest.raises(ValueError) as info:
+        train(cfg, out, progress=False)
+    expected = (
+        f"--out {out} is a file, not a folder; choose another --out"
+        if where == "out"
+        else f"--out {out} cannot be created: {blocker} is a file, not a folder; "
+        "choose another --out"
+    )
+    assert str(info.value) == expected
+    assert blocker.read_text() == "not a folder"
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     cfg = tiny_config(tmp_path / "missing.npz", "epochs=1")
     with pytest.raises(DatasetError, match="missing.npz"):

@@ -270,6 +270,13 @@ def _check_start(
         raise ValueError(
             f"optim.batch_size={cfg.optim.batch_size} is not divisible by the {world} processes"
         )
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ValueError(
+            "sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm has no "
+            "CPU kernel); use --set sync_bn=false on CPU processes"
+        )
+    if dist.is_main_process():
+        _check_out_dir(out_dir)
     if dist.is_main_process() and not resume and last_path.exists():
         raise FileExistsError(
             f"{out_dir} already holds a run (checkpoints/last.safetensors);"
@@ -287,6 +294,25 @@ def _check_start(
                 f"{', '.join(changed[:4])}{more}; resume it with its own "
                 f"(--config {out_dir / 'config.yaml'}) or choose another --out"
             )
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """ValueError (one line) unless ``out_dir`` is a folder, or one can be made there, that
+    takes files: checked before the data is read, without creating anything."""
+    hint = "choose another --out"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder; {hint}")
+    parent = out_dir
+    while not parent.exists():  # the nearest existing folder the run's folders go into
+        if parent.parent == parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(
+            f"--out {out_dir} cannot be created: {parent} is a file, not a folder; {hint}"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out_dir} cannot be written: {parent} is not writable; {hint}")
 
 
 def _check_ranks_resume_alike(
@@ -521,12 +547,7 @@ def _train(
     model = build_model(cfg.model).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.sync_bn and world > 1:
-        if device.type != "cuda":
-            raise ValueError(
-                "sync_bn=true needs CUDA devices (PyTorch's SyncBatchNorm has no "
-                "CPU kernel); use --set sync_bn=false on CPU processes"
-            )
+    if cfg.sync_bn and world > 1:  # on CUDA devices (checked at the start)
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg, device)
     # Linear scaling of the peak lr with the global batch is left to the recipe: lr is
