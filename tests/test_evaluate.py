@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -540,6 +541,16 @@ def test_cross_domain_of_a_generic_loader_compares_the_data_paths(tiny_run, tmp_
     assert same["cross_domain"] is False and moved["cross_domain"] is True
     pm = evaluate.ProbeModel(build_model(TINY), 16, (0.5,) * 3, (0.5,) * 3, "tiny", "pretrained")
     assert evaluate.run_probe(pm, "npz", data, "knn", k=5)["cross_domain"] is None  # unknown
+
+
+def test_cross_domain_is_unknown_for_a_run_that_recorded_a_relative_data_root(tiny_run):
+    run, data = tiny_run
+    pm = evaluate.load_probe_model(run)
+    assert Path(pm.train_data_root).is_absolute()
+    # A relative root names its data from a folder that is not known: neither the same
+    # file (reached from elsewhere) nor another file of that name can be told apart.
+    old = dataclasses.replace(pm, train_data_root=data.name)
+    assert evaluate.run_probe(old, "npz", data, "knn", k=5, device="cpu")["cross_domain"] is None
 
 
 def test_resize_refuses_preprocessing_it_cannot_reproduce(tiny_run, tmp_path):

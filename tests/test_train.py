@@ -347,6 +347,13 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_the_data_is_read(tmp_p
     assert blocker.read_text() == "not a folder"
 
 
+def test_the_run_records_its_data_root_as_an_absolute_path(tmp_path, tiny_npz, monkeypatch):
+    monkeypatch.chdir(tiny_npz.parent)
+    train(tiny_config(tiny_npz.name, "epochs=1"), tmp_path / "run", progress=False)
+    _, cfg, _ = load_run(tmp_path / "run")
+    assert cfg.data.root == str(tiny_npz.resolve())
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     cfg = tiny_config(tmp_path / "missing.npz", "epochs=1")
     with pytest.raises(DatasetError, match="missing.npz"):

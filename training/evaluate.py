@@ -705,7 +705,9 @@ def _check_size(pm: ProbeModel, dataset: str, data: Any) -> np.ndarray:
 def _cross_domain(pm: ProbeModel, dataset: str, data_root: str | Path) -> bool | None:
     """Whether the probe data differ from the training data; None when that is unknown.
 
-    Generic loaders (npz, imagefolder, folder) are the same dataset only at the same path.
+    Generic loaders (npz, imagefolder, folder) are the same dataset only at the same path;
+    a run's relative ``data.root`` (recorded before runs recorded absolute ones) names a path
+    from a folder that is not known, so it answers None.
     """
     if pm.train_dataset is None:
         return None
@@ -713,6 +715,8 @@ def _cross_domain(pm: ProbeModel, dataset: str, data_root: str | Path) -> bool |
         return True
     if dataset in ("npz", *FOLDER_DATASETS):
         if pm.train_data_root is None:
+            return None
+        if not Path(pm.train_data_root).expanduser().is_absolute():
             return None
         return Path(pm.train_data_root).resolve() != Path(data_root).resolve()
     return False

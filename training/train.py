@@ -7,6 +7,7 @@ once per logging interval and once per epoch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -480,6 +481,9 @@ def _train(
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"stop_after must be >= 1 (epochs to run in this call), got {stop_after}")
     out_dir = Path(out_dir)
+    if cfg.data.root:  # config.yaml records where the data were, wherever it is read from
+        root = os.path.abspath(os.path.expanduser(cfg.data.root))
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
     # ---- distributed and device -------------------------------------------------------
     wants_cuda = cfg.device.startswith("cuda") or (
         cfg.device == "auto" and torch.cuda.is_available()
