@@ -553,6 +553,15 @@ def test_cross_domain_is_unknown_for_a_run_that_recorded_a_relative_data_root(ti
     assert evaluate.run_probe(old, "npz", data, "knn", k=5, device="cpu")["cross_domain"] is None
 
 
+def test_the_linear_probe_of_one_training_row_is_refused_in_one_line():
+    x, y = torch.randn(1, 8), torch.tensor([0])
+    with pytest.raises(ValueError) as info:
+        evaluate.linear_eval(x, y, torch.randn(3, 8), torch.tensor([0, 1, 0]))
+    assert str(info.value) == (
+        "the linear probe needs at least 2 training rows, got 1; give it a larger train split"
+    )
+
+
 def test_resize_refuses_preprocessing_it_cannot_reproduce(tiny_run, tmp_path):
     from carlzoo.pretrained import Preprocessing, ZooConfig, save_pretrained
 
