@@ -112,7 +112,7 @@ class DataConfig:
     image_size: int = 32  # training crop size
     pipeline: str = "device"  # "device": uint8 data + augmentation on the device; "dataloader"
     device_budget_gb: float = 8.0  # keep the training set on the accelerator up to this size
-    workers: int = 8  # DataLoader workers for pipeline=dataloader and for the kNN monitor
+    workers: int = 8  # DataLoader worker processes for pipeline=dataloader
     subset: int = 0  # use only the first N training images (0: all); for smoke runs
 
     def __post_init__(self) -> None:
