@@ -32,9 +32,12 @@ local path). Only numbers measured on the exported checkpoint enter ``config.jso
 record in the checkpoint, else in ``metrics.jsonl``) and the results in every
 ``RUN_DIR/eval*.json`` (written by ``carlzoo probe --out``, one result or a list of them)
 whose ``model_epoch`` and ``model_step`` are the checkpoint's; the others are left out with
-a warning (:attr:`ExportResult.warnings`). Results with settings other than ``carlzoo
-probe``'s defaults get their own metric key (``knn_k5_top1``, ``linear_projection_top1``);
-two results with the same key and different values are refused.
+a warning (:attr:`ExportResult.warnings`), as is a result under the run's own dataset name
+whose ``cross_domain`` is true (measured on other data than the run's training data, e.g.
+another .npz file). Results with settings other than ``carlzoo probe``'s defaults (the kNN
+monitor's ``knn_k`` and ``knn_t`` included) get their own metric key (``knn_k5_top1``,
+``linear_projection_top1``); a probe result with the monitor's settings replaces the
+monitor's, and two results with the same key and different values are refused.
 """
 
 from __future__ import annotations
@@ -253,18 +256,33 @@ def _int(v: Any) -> bool:
 
 
 def select_evaluations(
-    items: Sequence[tuple[Path, dict[str, Any]]], epoch: int, step: int, model: str = "RUN_DIR"
+    items: Sequence[tuple[Path, dict[str, Any]]],
+    epoch: int,
+    step: int,
+    model: str = "RUN_DIR",
+    dataset: str | None = None,
 ) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
     """(the results measured on the checkpoint of ``epoch`` and ``step``, one warning line
     for each other result): a result names the checkpoint it measured in ``model_epoch`` and
-    ``model_step``; one without them was measured on an unknown checkpoint."""
+    ``model_step``; one without them was measured on an unknown checkpoint.
+
+    ``dataset``: the run's dataset (None: not checked). A result on it whose ``cross_domain``
+    is true (``carlzoo probe`` on other data than the run's training data, e.g. another .npz
+    file) is left out too: it is not the model's metric on its training dataset.
+    """
     kept: list[tuple[Path, dict[str, Any]]] = []
     warnings: list[str] = []
     for path, ev in items:
         e, s = ev.get("model_epoch"), ev.get("model_step")
         what = f"{path}: left out its {ev['protocol']} result on {ev['dataset']}"
         again = f"measure it again with `{_probe_command(model, ev, _settings_of(ev))}`"
-        if not (_int(e) and _int(s)):
+        if ev.get("cross_domain") is True and ev["dataset"] == dataset:
+            warnings.append(
+                f"{what}: it was measured on other data than the run's training data under the "
+                f"same dataset name (cross_domain is true), so it cannot be published as the "
+                f"model's metric on {dataset}"
+            )
+        elif not (_int(e) and _int(s)):
             warnings.append(
                 f"{what}: it records no model_epoch/model_step, so it was measured on an "
                 f"unknown checkpoint; {again}"
@@ -441,7 +459,15 @@ def _results(
                 )
             seen[key] = (path, float(ev[metric]))
             out.append(r)
-    probed_knn = any(r.protocol == "knn" and r.dataset == dataset for r in out)
+    # The monitor ran on the backbone features with the run's k and t: other values than
+    # `carlzoo probe`'s give it their own key. A probe result with the same settings (the
+    # same key) replaces it.
+    monitor = _settings_of(
+        {"protocol": "knn", "settings": {"layer": "backbone", "k": cfg.knn_k, "t": cfg.knn_t}}
+    )
+    probed_knn = any(
+        r.protocol == "knn" and r.dataset == dataset and r.settings == monitor for r in out
+    )
     if records.knn is not None and not probed_knn:
         rec = records.knn
         source = (
@@ -450,11 +476,8 @@ def _results(
         )
         for metric in ("top1", "top5"):
             if _finite(rec.get(f"knn_{metric}")):
-                out.append(
-                    Result(
-                        "knn", metric, dataset, float(rec[f"knn_{metric}"]), "test", source, command
-                    )
-                )
+                value = float(rec[f"knn_{metric}"])
+                out.append(Result("knn", metric, dataset, value, "test", source, command, monitor))
     for protocol in ("knn", "linear"):
         if not any(
             r.protocol == protocol and r.dataset == dataset and r.metric == "top1" for r in out
@@ -603,8 +626,9 @@ def export_model(
         raise ExportError(_one_line(e)) from None
     records = read_run_records(run_dir, ckpt.epoch, ckpt.metrics)
     probe_model = _probe_model(run_dir, ckpt_path)
+    found = read_evaluation_files(run_dir)
     kept, warnings = select_evaluations(
-        read_evaluation_files(run_dir), int(ckpt.epoch), int(ckpt.step), probe_model
+        found, int(ckpt.epoch), int(ckpt.step), probe_model, cfg.data.dataset
     )
     kept = [(path, _portable_evaluation(ev)) for path, ev in kept]
     evaluations = [ev for _, ev in kept]

@@ -451,6 +451,86 @@ def test_card_commands_reproduce_the_settings_and_keep_other_results(
     assert "carlzoo probe --model RUN_DIR/checkpoints/epoch_0001.safetensors --dataset" in card
 
 
+def test_a_result_on_other_data_under_the_runs_dataset_name_is_left_out(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    # `carlzoo probe --dataset npz --data-root other.npz` on a run trained on another .npz:
+    # cross_domain true under the run's own dataset name is not the model's npz metric
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    here = _measured_on(run)
+    ours = {"protocol": "knn", "dataset": "npz", "top1": 40.0, "cross_domain": False, **here}
+    unknown = {"protocol": "linear", "dataset": "npz", "top1": 12.5, "cross_domain": None, **here}
+    other = {"protocol": "knn", "dataset": "npz", "top1": 70.0, "cross_domain": True, **here}
+    named = {"protocol": "linear", "dataset": "cifar100", "top1": 30.0, "cross_domain": True}
+    (run / "eval.json").write_text(json.dumps([ours, unknown, dict(named, **here)]))
+    (run / "eval-knn-other.json").write_text(json.dumps(other))
+    res = export_model(run, tmp_path / "m", onnx=False)
+    # another dataset's name keeps its prefixed key; false and null (unknown) are as before
+    expected = {"knn_top1": 40.0, "linear_top1": 12.5, "cifar100_linear_top1": 30.0}
+    assert res.metrics == expected
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["metrics"] == expected
+    assert "70.00%" not in (tmp_path / "m" / "README.md").read_text()
+    (warning,) = res.warnings
+    assert warning.startswith(f"{run / 'eval-knn-other.json'}: left out its knn result on npz")
+    assert "other data than the run's training data under the same dataset name" in warning
+    assert "\n" not in warning
+    # alone, it is left out the same way: kNN is then not measured
+    (run / "eval.json").unlink()
+    res = export_model(run, tmp_path / "m2", onnx=False)
+    assert res.metrics == {} and len(res.warnings) == 1
+    card = (tmp_path / "m2" / "README.md").read_text()
+    assert re.search(r"kNN top-1 accuracy \| .* \| not measured", card)
+
+
+def _with_knn_monitor(run: Path, knn_k: int, top1: float, top5: float) -> None:
+    """Rewrite ``run``'s checkpoint as one of a run whose kNN monitor ran with ``knn_k``."""
+    import dataclasses
+
+    from carlzoo.training.checkpoint import load_checkpoint, save_checkpoint
+
+    path = run / "checkpoints" / "last.safetensors"
+    ckpt = load_checkpoint(path)
+    metrics = {**ckpt.metrics, "knn_top1": top1, "knn_top5": top5}
+    config = {**ckpt.config, "knn_every": 1, "knn_k": knn_k}
+    save_checkpoint(path, dataclasses.replace(ckpt, metrics=metrics, config=config))
+
+
+def test_the_knn_monitor_with_other_settings_gets_its_own_metric(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    _with_knn_monitor(run, 200, 33.0, 66.0)  # carlzoo probe's k and t: the default key
+    assert export_model(run, tmp_path / "m0", onnx=False).metrics == {
+        "knn_top1": 33.0, "knn_top5": 66.0
+    }  # fmt: skip
+    _with_knn_monitor(run, 5, 33.0, 66.0)
+    res = export_model(run, tmp_path / "m", onnx=False)
+    assert res.metrics == {"knn_k5_top1": 33.0, "knn_k5_top5": 66.0}
+    card = (tmp_path / "m" / "README.md").read_text()
+    meta = parse_front_matter(card)
+    (entry,) = meta["model-index"][0]["results"]
+    assert entry["task"]["name"] == "kNN on frozen CARL features (k=5)"
+    assert [m["name"] for m in entry["metrics"]] == [
+        "kNN top-1 accuracy (k=5)", "kNN top-5 accuracy (k=5)"
+    ]  # fmt: skip
+    assert "kNN monitor of `carlzoo train`" in card and "k=5" in card
+    # as for a probe result with k=5: no "not measured" kNN row, the linear one stays
+    assert not re.search(r"kNN top-1 accuracy \| .* \| not measured", card)
+    assert re.search(r"Linear probe top-1 accuracy \| .* \| not measured", card)
+    # a probe result with the default settings is another metric: both are published
+    here = _measured_on(run)
+    probe = {"protocol": "knn", "dataset": "npz", "top1": 50.0, **here}
+    (run / "eval.json").write_text(json.dumps(dict(probe, settings={"k": 200, "t": 0.1})))
+    res = export_model(run, tmp_path / "m2", onnx=False)
+    assert res.metrics == {"knn_top1": 50.0, "knn_k5_top1": 33.0, "knn_k5_top5": 66.0}
+    # a probe result with the monitor's settings replaces the monitor's
+    (run / "eval.json").write_text(json.dumps(dict(probe, settings={"k": 5, "t": 0.1})))
+    res = export_model(run, tmp_path / "m3", onnx=False)
+    assert res.metrics == {"knn_k5_top1": 50.0}
+
+
 def test_parity_images_fall_back_to_example_images(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
