@@ -13,6 +13,7 @@ the prototypes and divides by a temperature (``logits="cosine"``); the literal f
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,6 +39,7 @@ _BLOCKS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
 }
 _STEMS = ("cifar", "imagenet")
 _LOGITS = ("cosine", "dot")
+_SIZES = ("width", "proj_hidden_dim", "proj_dim", "num_prototypes")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ class ModelConfig:
             raise ValueError(f"model.stem={self.stem!r}: expected one of {list(_STEMS)}")
         if self.logits not in _LOGITS:
             raise ValueError(f"model.logits={self.logits!r}: expected one of {list(_LOGITS)}")
+        for name in _SIZES:  # 8.0 from a JSON file would only fail deep inside torch
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"model.{name} must be an integer, got {value!r}")
         if min(self.width, self.proj_hidden_dim, self.proj_dim) < 1 or self.num_prototypes < 2:
             raise ValueError(
                 "model.width, model.proj_hidden_dim, model.proj_dim must be >= 1 and "

@@ -99,3 +99,10 @@ def test_config_dict_round_trip_and_unknown_key():
     with pytest.raises(ValueError, match="unknown model config keys"):
         ModelConfig.from_dict({"widht": 3})
     assert isinstance(build_model(cfg.to_dict()), CARLModel)
+
+
+@pytest.mark.parametrize("field", ["width", "proj_hidden_dim", "proj_dim", "num_prototypes"])
+@pytest.mark.parametrize("value", [8.0, 10.5, True, "8"])
+def test_non_integer_sizes_are_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"^model\.{field} must be an integer, got {value!r}"):
+        ModelConfig(**{field: value})

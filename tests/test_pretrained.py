@@ -273,6 +273,14 @@ def test_config_errors(folder: Path, tmp_path: Path) -> None:
             r"unknown architecture keys \['depth'\]",
         ),
         (
+            {**data, "architecture": {**data["architecture"], "width": 8.0}},
+            r"model\.width must be an integer, got 8\.0",
+        ),
+        (
+            {**data, "architecture": {**data["architecture"], "num_prototypes": 10.5}},
+            r"model\.num_prototypes must be an integer, got 10\.5",
+        ),
+        (
             {**data, "preprocessing": {**data["preprocessing"], "resize_size": 8}},
             "input_size <= resize_size",
         ),
