@@ -38,7 +38,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 MAX_PIXELS = 89_478_485
 """Decompression-bomb guard: images with more pixels than this are refused (PIL's default
-``Image.MAX_IMAGE_PIXELS``, about 9459 x 9459). Override per call with ``max_pixels``."""
+``Image.MAX_IMAGE_PIXELS``, about 9459 x 9459). Override per call with ``max_pixels``.
+
+Pillow's own guard still applies first: ``Image.open`` refuses images over
+2 x ``PIL.Image.MAX_IMAGE_PIXELS`` (about 179M pixels by default), so a ``max_pixels`` above
+that needs ``PIL.Image.MAX_IMAGE_PIXELS`` raised as well (or set to None). carlzoo leaves
+it alone: it is process-wide state, shared with the rest of the program."""
 
 INTERPOLATIONS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -146,12 +151,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _pillow_limit_hint(limit: int) -> str:
+    """What to do when Pillow's own guard refused an image that ``limit`` would allow."""
+    pillow = Image.MAX_IMAGE_PIXELS
+    if pillow is None or limit <= 2 * pillow:
+        return ""
+    return (
+        f"; max_pixels={limit} is above Pillow's own limit (2 x PIL.Image.MAX_IMAGE_PIXELS = "
+        f"{2 * pillow}), which refuses the image first: raise PIL.Image.MAX_IMAGE_PIXELS as "
+        "well (or set it to None)"
+    )
+
+
 def read_image(
     path: str | Path, *, max_pixels: int | None = None, min_side: int | None = None
 ) -> Image.Image:
     """Decode ``path`` into an 8-bit RGB PIL image (see :func:`to_rgb`), upright per EXIF.
 
     ``max_pixels`` (default :data:`MAX_PIXELS`) refuses decompression bombs before decoding.
+    Pillow refuses images over 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` (about 179M pixels by
+    default) before this check, so a ``max_pixels`` above that needs
+    ``PIL.Image.MAX_IMAGE_PIXELS`` raised too (or set to None); the error says so.
     ``min_side``, when given, lets the JPEG decoder downscale by 1/2..1/8 while keeping the
     shorter side >= ``min_side`` (as training does), which makes large photos much faster.
     Raises :class:`BadImage` for missing, truncated, oversized or non-image files.
@@ -183,7 +203,8 @@ def read_image(
     except BadImage:
         raise
     except Image.DecompressionBombError as exc:
-        raise BadImage(path, f"decompression-bomb guard: {exc}") from None
+        why = str(exc).rstrip(".") + _pillow_limit_hint(limit)
+        raise BadImage(path, f"decompression-bomb guard: {why}") from None
     except FileNotFoundError:
         raise BadImage(path, "no such file") from None
     except IsADirectoryError:

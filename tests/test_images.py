@@ -168,6 +168,44 @@ def test_decompression_bomb_guard(tmp_path: Path) -> None:
     assert read_image(path, max_pixels=10000).size == (100, 100)
 
 
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose IHDR claims ``width`` x ``height`` (its pixel data is not there)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunks = chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunks)
+    return path
+
+
+def test_max_pixels_above_pillows_own_limit_says_to_raise_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    huge = _png_header(tmp_path / "huge.png", 14000, 14000)  # 196M pixels: over Pillow's 179M
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(BadImage) as e:
+        read_image(huge, max_pixels=300_000_000)
+    msg = str(e.value)
+    assert msg.startswith(f"cannot read image {huge}: ") and "\n" not in msg
+    assert "max_pixels=300000000 is above Pillow's own limit" in msg
+    assert "raise PIL.Image.MAX_IMAGE_PIXELS as well (or set it to None)" in msg
+    assert Image.MAX_IMAGE_PIXELS == pillow_limit  # never changed behind the caller's back
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    path = _save(Image.new("RGB", (100, 100)), tmp_path / "small.png")  # 10000 > 2 x 1000
+    with pytest.raises(BadImage, match=r"Pillow's own limit \(2 x PIL\.Image\.MAX_IMAGE_PIXELS"):
+        read_image(path)  # the default MAX_PIXELS is above Pillow's lowered limit too
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert read_image(path).size == (100, 100)
+    with pytest.raises(BadImage, match="over the limit of 9999"):
+        read_image(path, max_pixels=9999)
+
+
 def test_broken_files_raise_bad_image_naming_the_file(tmp_path: Path) -> None:
     buf = io.BytesIO()
     rng = np.random.default_rng(0)
