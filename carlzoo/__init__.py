@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from carlzoo.model import CARLModel, CARLOutput, ModelConfig, build_model
-    from carlzoo.pretrained import PretrainedCARL
+    from carlzoo.pretrained import OnnxCARL, PretrainedCARL
 
 _MODEL_NAMES = ("CARLModel", "CARLOutput", "ModelConfig", "build_model")
 
@@ -54,8 +55,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'carlzoo' has no attribute {name!r}")
 
 
-def load(spec: str, device: Any = None, backend: str = "torch", **kwargs: Any) -> PretrainedCARL:
-    """Load a zoo model by name, local folder or ``hf-hub:org/repo[@revision]``."""
+def load(
+    spec: str | os.PathLike[str], device: Any = None, backend: str = "torch", **kwargs: Any
+) -> PretrainedCARL | OnnxCARL:
+    """Load a zoo model by name, local folder or ``hf-hub:org/repo[@revision]``.
+
+    ``backend="torch"`` gives a :class:`~carlzoo.pretrained.PretrainedCARL`, ``"onnx"`` an
+    :class:`~carlzoo.pretrained.OnnxCARL`; see :func:`carlzoo.pretrained.load`.
+    """
     from carlzoo.pretrained import load as _load
 
     return _load(spec, device=device, backend=backend, **kwargs)

@@ -1030,7 +1030,7 @@ def _bundled_onnx(entry: registry.ZooEntry, bundled: Path, config: ZooConfig) ->
 
 
 def load(
-    spec: str,
+    spec: str | os.PathLike[str],
     device: Any = None,
     backend: str = "torch",
     *,
