@@ -878,9 +878,16 @@ def _load_zoo(
     needed = _needed_files(backend)
     bundled = registry.bundled_path(name)
     if revision is not None and revision != entry.revision:
+        if entry.status == "published" and entry.revision is not None:
+            raise ZooError(
+                f"{name} is pinned to revision {entry.revision}; to load another "
+                f"revision use 'hf-hub:{entry.repo_id}@{revision}' (not hash-checked)"
+            )
+        if bundled is None:
+            raise ZooError(registry.unpublished_message(name))
         raise ZooError(
-            f"{name} is pinned to revision {entry.revision}; to load another "
-            f"revision use 'hf-hub:{entry.repo_id}@{revision}' (not hash-checked)"
+            f"revision={revision!r} does not apply to {name}: it has no Hub repository yet "
+            "and is loaded from the copy bundled in the package; load it without revision="
         )
     if bundled is not None:
         source = "bundled folder"

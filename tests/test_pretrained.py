@@ -551,6 +551,22 @@ def test_bundled_folder_without_pinned_hashes_is_refused(
         carlzoo.load("carl-stl10", backend="onnx")
 
 
+def test_revision_of_a_model_not_on_the_hub_says_why_it_does_not_apply(
+    folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _bundle(folder, tmp_path / "models", "carl-cifar10")
+    monkeypatch.setattr(registry, "BUNDLED_DIR", tmp_path / "models")
+    with pytest.raises(ZooError) as info:
+        carlzoo.load("carl-cifar10", revision="main")
+    msg = str(info.value)
+    assert msg.startswith("revision='main' does not apply to carl-cifar10")
+    assert "the copy bundled in the package" in msg and "load it without revision=" in msg
+    assert "pinned to revision None" not in msg and "\n" not in msg
+    with pytest.raises(ZooError) as info:
+        carlzoo.load("carl-stl10", revision="abc")  # neither bundled nor published
+    assert str(info.value) == registry.unpublished_message("carl-stl10")
+
+
 def _bundle_and_pin(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``folder`` bundled as carl-cifar10 (no model.onnx), pinned, with a cache of its own."""
     bundle = _bundle(folder, tmp_path / "models", "carl-cifar10")
