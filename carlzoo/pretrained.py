@@ -14,9 +14,10 @@ unpickles: weights come from safetensors or ONNX only.
 package is used offline after a sha256 check, else the pinned Hub revision is downloaded
 through huggingface_hub and every file is sha256-checked), a local folder, or
 ``hf-hub:org/repo[@revision]`` (downloaded, not hash-pinned; an LFS file is checked against
-the sha256 its cached blob is named after). A Hub file that fails its check, or weights that
-do not decode, are downloaded once more over the cached blob and checked again: a plain
-download would re-link the corrupt blob. Offline, the error names the blob to delete.
+the sha256 its cached blob is named after). A Hub file that fails its check, a config.json
+that is not JSON text, or weights that do not decode, are downloaded once more over
+the cached blob and checked again: a plain download would re-link the corrupt blob. Offline,
+the error names the blob to delete.
 
 With ``backend="onnx"`` the folder must hold ``model.onnx``; when it does not, the error
 says how to add one (``python -m carlzoo.export.onnx FOLDER``). One exception: a zoo model
@@ -538,17 +539,41 @@ def read_config(directory: str | Path) -> ZooConfig:
             "with `carlzoo export` or carlzoo.pretrained.save_pretrained)"
         )
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
         raise ZooError(f"cannot read {path}: {_one_line(e)}") from None
     try:
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # damaged: not JSON text
+        raise _CorruptConfig(f"cannot read {path}: {_one_line(e)}", _one_line(e)) from None
+    try:
         return ZooConfig.from_dict(data)
-    except ZooError as e:
+    except ZooError as e:  # JSON, but not a config this carlzoo reads: as written, not damaged
         raise ZooError(f"{path}: {e}") from None
 
 
-class _CorruptWeights(ZooError):
+class _CorruptFile(ZooError):
+    """A model file that cannot be used as it is; ``why`` says why, without its path."""
+
+    fname = ""
+    what = ""  # "weights file", "config file": how messages name it
+
+    def __init__(self, message: str, why: str = "") -> None:
+        super().__init__(message)
+        self.why = why or message
+
+
+class _CorruptConfig(_CorruptFile):
+    """config.json is not JSON text (a config that parses but does not validate is not
+    damaged: it is what was written, e.g. a newer format)."""
+
+    fname, what = CONFIG_NAME, "config file"
+
+
+class _CorruptWeights(_CorruptFile):
     """model.safetensors cannot be decoded (as opposed to: it does not fit the architecture)."""
+
+    fname, what = WEIGHTS_NAME, "weights file"
 
 
 def _load_state(path: Path, model: CARLModel) -> None:
@@ -562,7 +587,8 @@ def _load_state(path: Path, model: CARLModel) -> None:
             for key in f.keys():
                 state[key] = f.get_tensor(key)
     except Exception as e:  # safetensors raises SafetensorError and others on corrupt files
-        raise _CorruptWeights(f"corrupt weights file {path}: {_one_line(e)}") from None
+        why = _one_line(e)
+        raise _CorruptWeights(f"corrupt weights file {path}: {why}", why) from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -801,9 +827,10 @@ def _load_from_hub(
 
     Each file is hashed once: against the registry's pin for a zoo model (``entry``), else,
     for an LFS file, against the sha256 its cached blob is named after. A file that fails
-    its check, or weights that were not hashed and do not decode, are downloaded once more
-    over the cached blob (``force_download=True``) and checked again; a ZooError naming the
-    blob (``path.resolve()``) is raised only when that fails or is impossible (offline).
+    its check, or a config.json or weights that were not hashed and do not parse or decode,
+    are downloaded once more over the cached blob (``force_download=True``) and checked
+    again; a ZooError naming the blob (``path.resolve()``) is raised only when that fails or
+    is impossible (offline).
     """
     needed = _needed_files(backend)
     folder = _hub_download(repo_id, needed, revision, cache_dir=cache_dir, token=token, label=label)
@@ -827,28 +854,28 @@ def _load_from_hub(
             served = "the registry pins" if entry is not None else "its LFS pointer names"
             advice = f"downloading it again gave the same: the Hub does not serve the file {served}"
         raise ZooError(_corrupt_cache_message(entry, label, path, expected, actual, advice))
-    for attempt in (1, 2):
+    downloaded_again: set[str] = set()
+    while True:  # each file is downloaded again at most once, so this ends
         try:
             return from_pretrained(folder, device, backend)
-        except _CorruptWeights as e:
-            blob = (folder / WEIGHTS_NAME).resolve()
-            why = _one_line(e.__context__ if e.__context__ is not None else e)
-            if WEIGHTS_NAME in hashed:  # the very file the Hub serves: downloading cannot help
+        except _CorruptFile as e:
+            fname, why = e.fname, e.why
+            blob = (folder / fname).resolve()
+            corrupt = f"{label}: corrupt {e.what} {blob}"
+            if fname in hashed:  # the very file the Hub serves: downloading cannot help
                 raise ZooError(
-                    f"{label}: corrupt weights file {blob}, although its sha256 is the expected "
-                    f"one: the file on the Hub is broken ({why})"
+                    f"{corrupt}, although its sha256 is the expected one: the file on the Hub "
+                    f"is broken ({why})"
                 ) from None
-            if attempt == 2:
+            if fname in downloaded_again:
                 raise ZooError(
-                    f"{label}: corrupt weights file {blob} even after downloading it again: the "
-                    f"file on the Hub is broken ({why})"
+                    f"{corrupt} even after downloading it again: the file on the Hub is broken "
+                    f"({why})"
                 ) from None
-            advice = _download_again(
-                repo_id, WEIGHTS_NAME, rev, blob, cache_dir=cache_dir, token=token
-            )
+            advice = _download_again(repo_id, fname, rev, blob, cache_dir=cache_dir, token=token)
             if advice is not None:
-                raise ZooError(f"{label}: corrupt weights file {blob} ({why}); {advice}") from None
-    raise AssertionError("unreachable")
+                raise ZooError(f"{corrupt} ({why}); {advice}") from None
+            downloaded_again.add(fname)
 
 
 def _parse_hub_spec(spec: str, revision: str | None) -> tuple[str, str | None]:

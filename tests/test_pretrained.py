@@ -984,6 +984,68 @@ def test_undecodable_weights_of_a_hub_spec_are_downloaded_again(
     assert f"delete the cached file {blob} and load once online" in str(info.value)
 
 
+def _no_lfs_repo(local_hub: object, repo_id: str, files: dict[str, bytes]) -> str:
+    import hubserver
+
+    with pytest.MonkeyPatch.context() as mp:  # plain git files: blobs named by git sha1
+        mp.setattr(hubserver, "_wants_lfs", lambda *args: False)
+        return local_hub.add_repo_files(repo_id, files)
+
+
+def test_corrupt_cached_config_of_a_hub_spec_is_downloaded_again(
+    local_hub, folder: Path, loaded: PretrainedCARL, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sha = _no_lfs_repo(local_hub, "test/tiny-bad-config", _folder_files(folder))
+    assert not local_hub.is_lfs("test/tiny-bad-config", "config.json")
+    spec, cache = f"hf-hub:test/tiny-bad-config@{sha}", tmp_path / "cache"
+    load(spec, cache_dir=cache)
+    [link] = list(cache.rglob("snapshots/*/config.json"))
+    blob = link.resolve()
+    good = blob.read_bytes()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    blob.write_bytes(b'{"trunc')  # damaged: not JSON text
+    n = len(local_hub.requests)
+    assert torch.equal(load(spec, cache_dir=cache).embed(x), loaded.embed(x))
+    assert blob.read_bytes() == good  # repaired in place
+    assert _gets(local_hub, n, "config.json") == 1  # downloaded again, once
+
+    # JSON that is not a config this carlzoo reads (another format) is as written, not
+    # damaged: no download, the format is named
+    blob.write_bytes(json.dumps({**json.loads(good), "format": "x"}).encode())
+    n = len(local_hub.requests)
+    with pytest.raises(ZooError) as info:
+        load(spec, cache_dir=cache)
+    assert "config format 'x' is not supported (expected 'carlzoo/1')" in str(info.value)
+    assert "broken" not in str(info.value) and _gets(local_hub, n, "config.json") == 0
+    blob.write_bytes(good)
+
+    blob.write_bytes(b'{"trunc')
+    _offline(monkeypatch)
+    n = len(local_hub.requests)
+    with pytest.raises(ZooError) as info:
+        load(spec, cache_dir=cache)
+    msg = str(info.value)
+    assert msg.startswith(f"hf-hub:test/tiny-bad-config@{sha}: corrupt config file {blob} (")
+    assert "Unterminated string" in msg and "\n" not in msg
+    assert f"delete the cached file {blob} and load once online" in msg
+    assert len(local_hub.requests) == n
+
+
+def test_a_config_broken_on_the_hub_is_downloaded_once_more_then_refused(
+    local_hub, folder: Path, tmp_path: Path
+) -> None:
+    files = {**_folder_files(folder), "config.json": b'{"trunc'}
+    sha = _no_lfs_repo(local_hub, "test/tiny-broken-config", files)
+    n = len(local_hub.requests)
+    with pytest.raises(ZooError) as info:
+        load(f"hf-hub:test/tiny-broken-config@{sha}", cache_dir=tmp_path / "cache")
+    msg = str(info.value)
+    assert "corrupt config file" in msg and "even after downloading it again" in msg
+    assert "the file on the Hub is broken" in msg and "\n" not in msg
+    assert _gets(local_hub, n, "config.json") == 2  # the download, then once more
+
+
 def test_offline_load_from_the_cache(
     local_hub, folder: Path, loaded: PretrainedCARL, tmp_path: Path
 ) -> None:
