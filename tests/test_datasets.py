@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import struct
+import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -208,14 +211,30 @@ def test_cifar_missing_root_mentions_download(tmp_path: Path) -> None:
     assert "--download" in msg and "\n" not in msg
 
 
-def test_cifar_download_only_when_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _release_archive(make: Callable[[Path], Path], dest: Path) -> Path:
+    """``dest``: a .tar.gz of the fake release ``make`` writes, laid out as the official one."""
+    staging = dest.parent / f".{dest.name}.staging"
+    folder = make(staging)
+    with tarfile.open(dest, "w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    shutil.rmtree(staging)
+    return dest
+
+
+def _fake_downloads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Path, str]]:
+    """Make ``_download_archive`` write a fake CIFAR-10 release archive; returns its calls."""
     calls: list[tuple[str, Path, str]] = []
 
-    def fake_download(url: str, root: Path, md5: str) -> None:
+    def fake_download(url: str, root: Path, md5: str) -> Path:
         calls.append((url, root, md5))
-        _make_cifar10(root)
+        return _release_archive(_make_cifar10, root / "cifar-10-python.tar.gz")
 
     monkeypatch.setattr(ds, "_download_archive", fake_download)
+    return calls
+
+
+def test_cifar_download_only_when_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_downloads(monkeypatch)
     out = load_split("cifar10", tmp_path, "test", download=True)
     assert len(out) == 2
     assert calls == [
@@ -227,6 +246,101 @@ def test_cifar_download_only_when_missing(tmp_path: Path, monkeypatch: pytest.Mo
     ]
     load_split("cifar10", tmp_path, "test", download=True)
     assert len(calls) == 1  # files present: no second download
+
+
+def test_an_unpacking_cut_short_leaves_no_release_that_passes_for_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets.utils as tv_utils
+
+    calls = _fake_downloads(monkeypatch)
+
+    def disk_full(archive: str, to: str) -> None:  # the marker is out, the rest is not
+        (Path(to) / "cifar-10-batches-py").mkdir()
+        (Path(to) / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"part")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(tv_utils, "extract_archive", disk_full)
+        with pytest.raises(DatasetError, match=r"failed \(\[Errno 28\] No space left on device"):
+            load_split("cifar10", tmp_path, "test", download=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-python.tar.gz"]
+    out = load_split("cifar10", tmp_path, "test", download=True)  # the next run completes it
+    assert len(out) == 2 and len(calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cifar-10-batches-py", "cifar-10-python.tar.gz"
+    ]  # fmt: skip
+
+
+def test_a_release_folder_without_its_marker_is_not_replaced_by_a_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _fake_downloads(monkeypatch)
+    mine = tmp_path / "cifar-10-batches-py" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("kept")
+    with pytest.raises(DatasetError) as info:
+        load_split("cifar10", tmp_path, "test", download=True)
+    assert str(info.value) == (
+        f"cifar10: {mine.parent} exists but holds no complete CIFAR-10 release (data_batch_1 is "
+        "missing); delete it and run again with --download"
+    )
+    assert calls == [] and mine.read_text() == "kept"
+
+
+def test_a_release_missing_a_file_says_how_to_fetch_it_again(tmp_path: Path) -> None:
+    folder = _make_cifar10(tmp_path)
+    (folder / "test_batch").unlink()
+    with pytest.raises(DatasetError) as info:
+        load_split("cifar10", tmp_path, "test")
+    assert str(info.value) == (
+        f"cifar10: {folder / 'test_batch'} is missing (expected the complete CIFAR-10 release "
+        f"to be there); delete {folder} and run again with --download, or unpack the release "
+        "there again"
+    )
+
+
+def test_malformed_cifar_labels_and_names_name_the_file(tmp_path: Path) -> None:
+    folder = _make_cifar10(tmp_path)
+    meta = folder / "batches.meta"
+    names = [f"class{c}".encode() for c in range(9)] + [b"\xff\xfe"]
+    _py2_pickle({b"label_names": names, b"num_vis": 3072}, meta)
+    with pytest.raises(DatasetError) as info:
+        load_split("cifar10", tmp_path, "test")
+    assert str(info.value).startswith(
+        f"cifar10: {meta} b'label_names' holds a class name that is not UTF-8 text ("
+    )
+    assert "\n" not in str(info.value)
+    _py2_pickle({b"label_names": names[:9] + [b"class9"], b"num_vis": 3072}, meta)
+    batch = folder / "data_batch_3"
+    _py2_pickle({b"data": _cifar_data(3, 3), b"labels": [1, 2, [3]]}, batch)
+    with pytest.raises(DatasetError) as info:
+        load_split("cifar10", tmp_path, "train")
+    assert str(info.value) == (
+        f"cifar10: {batch} labels are not a flat sequence of numbers (expected (3,) integers "
+        "in 0..9)"
+    )
+
+
+def test_a_damaged_compressed_npz_member_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (8, 4, 4, 3), dtype=np.uint8)
+    y = np.arange(8) % 2
+    np.savez_compressed(path, x_train=x, y_train=y, x_test=x[:2], y_test=y[:2])
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("x_train.npy")
+    raw = bytearray(path.read_bytes())
+    # the member's data follow its 30-byte local header, name and extra field
+    at = info.header_offset
+    name_len, extra_len = struct.unpack("<HH", raw[at + 26 : at + 30])
+    raw[at + 30 + name_len + extra_len] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DatasetError) as err:
+        load_split("npz", path, "train")
+    msg = str(err.value)
+    assert msg.startswith(f"npz: {path} key 'x_train' is unreadable (") and "\n" not in msg
+    assert msg.endswith("the file is damaged: copy or download it again")
 
 
 def test_download_failure_is_dataset_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

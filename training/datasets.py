@@ -14,7 +14,11 @@ import io
 import logging
 import pickle
 import re
+import shutil
+import tarfile
+import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -211,11 +215,29 @@ _RELEASES: dict[str, _Release] = {
 }
 
 
-def _download_archive(url: str, root: Path, md5: str) -> None:
-    """Download and unpack one archive into ``root`` (torchvision is imported only here)."""
-    from torchvision.datasets.utils import download_and_extract_archive
+def _download_archive(url: str, root: Path, md5: str) -> Path:
+    """Download one archive into ``root``, md5-checked; returns its path (torchvision's
+    downloader, imported only here, downloads again a file that fails the check)."""
+    from torchvision.datasets.utils import download_url
 
-    download_and_extract_archive(url, download_root=str(root), md5=md5)
+    download_url(url, str(root), md5=md5)
+    return root / Path(url).name
+
+
+def _unpack(archive: Path, root: Path, folder: str) -> None:
+    """Unpack ``archive`` into a temporary folder in ``root`` and rename the release's
+    ``folder`` into place only once all of it is there: an unpacking cut short (Ctrl-C, a
+    full disk) leaves no part of a release that would later pass for a whole one."""
+    from torchvision.datasets.utils import extract_archive
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.unpacking.", dir=root))
+    try:
+        extract_archive(str(archive), str(tmp))
+        if not (tmp / folder).is_dir():
+            raise ValueError(f"{archive.name} holds no {folder} folder")
+        (tmp / folder).rename(root / folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _locate(name: str, root: Path, download: bool) -> Path:
@@ -230,11 +252,18 @@ def _locate(name: str, root: Path, download: bool) -> Path:
             f"{name}: no {rel.title} found under {root} (expected {expected}); pass --download "
             f"to fetch it or point --data-root at the folder that holds {rel.folder}"
         )
+    if (root / rel.folder).exists():  # not ours to replace: it may hold the user's files
+        raise DatasetError(
+            f"{name}: {root / rel.folder} exists but holds no complete {rel.title} release "
+            f"({rel.marker} is missing); delete it and run again with --download"
+        )
     assert rel.url is not None and rel.md5 is not None
     log.info("%s: downloading %s into %s", name, rel.url, root)
     try:
-        _download_archive(rel.url, root, rel.md5)
-    except (OSError, RuntimeError, ValueError) as exc:
+        root.mkdir(parents=True, exist_ok=True)
+        _unpack(_download_archive(rel.url, root, rel.md5), root, rel.folder)
+    except (OSError, RuntimeError, ValueError, EOFError, tarfile.TarError,
+            zipfile.BadZipFile) as exc:
         raise DatasetError(
             f"{name}: downloading {rel.url} into {root} failed ({exc}); check the network or "
             f"fetch the archive by hand and unpack it into {root}"
@@ -249,8 +278,13 @@ def _locate(name: str, root: Path, download: bool) -> Path:
 def _require_file(name: str, path: Path) -> Path:
     if not path.is_file():
         rel = _RELEASES.get(name)
-        what = f"the complete {rel.title} release" if rel else "this file"
-        raise DatasetError(f"{name}: {path} is missing (expected {what} to be there)")
+        if rel is None:
+            raise DatasetError(f"{name}: {path} is missing (expected this file to be there)")
+        raise DatasetError(
+            f"{name}: {path} is missing (expected the complete {rel.title} release to be "
+            f"there); delete {path.parent} and run again with --download, or unpack the "
+            "release there again"
+        )
     return path
 
 
@@ -351,7 +385,18 @@ def _cifar_names(name: str, path: Path, key: bytes, num_classes: int) -> list[st
         raise DatasetError(
             f"{name}: {path} is malformed (expected {key!r}: a list of {num_classes} names)"
         )
-    return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    return _names_text(name, path, names, repr(key))
+
+
+def _names_text(name: str, path: Path, names: Sequence[Any], where: str) -> list[str]:
+    """Class names as text; a byte string that is not UTF-8 is a DatasetError naming ``path``."""
+    try:
+        return [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names]
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"{name}: {path} {where} holds a class name that is not UTF-8 text ({exc.reason} at "
+            f"byte {exc.start} of {exc.object[:40]!r}); the file is damaged or not this dataset"
+        ) from None
 
 
 def _load_cifar(
@@ -538,6 +583,16 @@ def _imagenet64_files(name: str, root: Path, split: str, download: bool) -> list
     return found
 
 
+# What reading a damaged zip member raises: zlib.error for corrupt deflate data and
+# NotImplementedError for a compression method that a flipped header bit names.
+_DAMAGED_ZIP = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _npz_array(name: str, path: Path, npz: Any, key: str) -> np.ndarray:
     if key not in npz.files:
         more = f", ... ({len(npz.files)} in all)" if len(npz.files) > 8 else ""
@@ -545,8 +600,11 @@ def _npz_array(name: str, path: Path, npz: Any, key: str) -> np.ndarray:
         raise DatasetError(f"{name}: {path} has no key {key!r} (keys: {keys})")
     try:
         value = npz[key]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"{name}: {path} key {key!r} is unreadable ({exc})") from exc
+    except _DAMAGED_ZIP as exc:
+        raise DatasetError(
+            f"{name}: {path} key {key!r} is unreadable ({_first_line(exc)}); the file is "
+            "damaged: copy or download it again"
+        ) from exc
     if not isinstance(value, np.ndarray):  # numpy returns a member that is not .npy as bytes
         raise DatasetError(f"{name}: {path} key {key!r} is not an array (.npy) member")
     return value
@@ -565,8 +623,10 @@ def _open_npz(name: str, path: Path) -> Any:
         raise DatasetError(f"{not_npz}; this zip holds no .npy arrays")
     try:
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise DatasetError(f"{name}: {path} is not a readable .npz file ({exc})") from exc
+    except _DAMAGED_ZIP as exc:
+        raise DatasetError(
+            f"{name}: {path} is not a readable .npz file ({_first_line(exc)})"
+        ) from exc
 
 
 def _load_imagenet64(
@@ -774,7 +834,7 @@ def _load_npz(
                 f"{name}: {root} key 'class_names' has shape {names.shape} {names.dtype} "
                 "(expected a 1-D array of strings)"
             )
-        classes = [n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names.tolist()]
+        classes = _names_text(name, root, names.tolist(), "key 'class_names'")
     labels = _as_labels(name, root, y, x.shape[0], 0, len(classes) if classes else None, key=yk)
     images = _maybe_resize(np.ascontiguousarray(x), image_size)
     return ImageArrays(images, labels, classes)
@@ -843,10 +903,15 @@ def _as_labels(
     key: str = "labels",
 ) -> np.ndarray:
     """Validate labels (``base``-based ints) and return them 0-based as int64."""
-    arr = np.asarray(raw)
     expected = f"({count if count is not None else 'N'},) integers"
     if num_classes is not None:
         expected += f" in {base}..{base + num_classes - 1}"
+    try:
+        arr = np.asarray(raw)
+    except (ValueError, TypeError):  # ragged: e.g. a list holding a list
+        raise DatasetError(
+            f"{name}: {path} {key} are not a flat sequence of numbers (expected {expected})"
+        ) from None
     if (
         arr.ndim != 1
         or (arr.size and arr.dtype.kind not in "iu")
