@@ -618,8 +618,13 @@ def export_model(
             f"--out {given_out} already exists; pass --overwrite to replace it or "
             "choose another folder"
         )
-    if not out_dir.parent.is_dir():
-        raise ExportError(f"--out {given_out}: the parent folder {out_dir.parent} does not exist")
+    parent = out_dir.parent  # missing folders above --out are made, as `carlzoo train` does
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(
+            f"--out {given_out}: {parent} is a file, not a folder; choose another path"
+        )
     try:
         model, cfg, ckpt = load_run(source)
     except CheckpointError as e:
@@ -681,6 +686,13 @@ def export_model(
         metrics=metrics,
     )
 
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(
+            f"--out {given_out}: cannot create {out_dir.parent} ({e.strerror or e}); choose "
+            "another path"
+        ) from None
     warnings += _remove_stale_staging(out_dir)
     staging = out_dir.parent / (
         f".{out_dir.name}.export-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

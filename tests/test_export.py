@@ -596,6 +596,22 @@ def test_existing_output_needs_overwrite(run_dir: Path, tmp_path: Path) -> None:
     assert _no_leftovers(tmp_path) == []
 
 
+def test_missing_folders_above_out_are_made_and_a_file_there_is_refused(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "models" / "zoo" / "m"  # as `carlzoo export RUN --out models/NAME`
+    result = _cli(export, [str(run_dir), "--out", str(out), "--no-onnx"])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == MODEL_FILES - {"model.onnx"}
+    assert _no_leftovers(out.parent) == []
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    bad = blocker / "sub" / "m"
+    msg = cli_error(_cli(export, [str(run_dir), "--out", str(bad), "--no-onnx"]))
+    assert msg == f"Error: --out {bad}: {blocker} is a file, not a folder; choose another path"
+    assert blocker.read_text() == "mine"
+
+
 def test_out_may_not_replace_the_run_or_the_current_folder(
     run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
