@@ -712,13 +712,15 @@ def _cross_domain(pm: ProbeModel, dataset: str, data_root: str | Path) -> bool |
 
     Generic loaders (npz, imagefolder, folder) are the same dataset only at the same path;
     a run's relative ``data.root`` (recorded before runs recorded absolute ones) names a path
-    from a folder that is not known, so it answers None.
+    from a folder that is not known, so it answers None. A generic loader on one side only
+    answers None too: an .npz may hold CIFAR-10 itself.
     """
+    generic = ("npz", *FOLDER_DATASETS)
     if pm.train_dataset is None:
         return None
     if pm.train_dataset != dataset:
-        return True
-    if dataset in ("npz", *FOLDER_DATASETS):
+        return None if pm.train_dataset in generic or dataset in generic else True
+    if dataset in generic:
         if pm.train_data_root is None:
             return None
         if not Path(pm.train_data_root).expanduser().is_absolute():
