@@ -35,7 +35,8 @@ whose ``model_epoch`` and ``model_step`` are the checkpoint's; the others are le
 a warning (:attr:`ExportResult.warnings`), as is a result under the run's own dataset name
 whose ``cross_domain`` is true (measured on other data than the run's training data, e.g.
 another .npz file). Results with settings other than ``carlzoo probe``'s defaults (the kNN
-monitor's ``knn_k`` and ``knn_t`` included) get their own metric key (``knn_k5_top1``,
+monitor's ``knn_k`` and ``knn_t``, and its bank when smaller than the train split, included)
+get their own metric key (``knn_k5_top1``, ``knn_bank50000_top1``,
 ``linear_projection_top1``); a probe result with the monitor's settings replaces the
 monitor's, and two results with the same key and different values are refused.
 """
@@ -460,11 +461,15 @@ def _results(
             seen[key] = (path, float(ev[metric]))
             out.append(r)
     # The monitor ran on the backbone features with the run's k and t: other values than
-    # `carlzoo probe`'s give it their own key. A probe result with the same settings (the
-    # same key) replaces it.
+    # `carlzoo probe`'s give it their own key, as does a bank of knn_max_train images drawn
+    # from a larger train split (`knn_bank` in its record; the probe uses the whole split).
+    # A probe result with the same settings (the same key) replaces it.
     monitor = _settings_of(
         {"protocol": "knn", "settings": {"layer": "backbone", "k": cfg.knn_k, "t": cfg.knn_t}}
     )
+    bank = records.knn.get("knn_bank") if records.knn is not None else None
+    if _int(bank):
+        monitor["bank"] = int(bank)
     probed_knn = any(
         r.protocol == "knn" and r.dataset == dataset and r.settings == monitor for r in out
     )

@@ -483,8 +483,11 @@ def test_a_result_on_other_data_under_the_runs_dataset_name_is_left_out(
     assert re.search(r"kNN top-1 accuracy \| .* \| not measured", card)
 
 
-def _with_knn_monitor(run: Path, knn_k: int, top1: float, top5: float) -> None:
-    """Rewrite ``run``'s checkpoint as one of a run whose kNN monitor ran with ``knn_k``."""
+def _with_knn_monitor(
+    run: Path, knn_k: int, top1: float, top5: float, bank: int | None = None
+) -> None:
+    """Rewrite ``run``'s checkpoint as one of a run whose kNN monitor ran with ``knn_k`` (and
+    a bank of ``bank`` images drawn from a larger train split)."""
     import dataclasses
 
     from carlzoo.training.checkpoint import load_checkpoint, save_checkpoint
@@ -492,6 +495,9 @@ def _with_knn_monitor(run: Path, knn_k: int, top1: float, top5: float) -> None:
     path = run / "checkpoints" / "last.safetensors"
     ckpt = load_checkpoint(path)
     metrics = {**ckpt.metrics, "knn_top1": top1, "knn_top5": top5}
+    metrics.pop("knn_bank", None)
+    if bank is not None:
+        metrics["knn_bank"] = bank
     config = {**ckpt.config, "knn_every": 1, "knn_k": knn_k}
     save_checkpoint(path, dataclasses.replace(ckpt, metrics=metrics, config=config))
 
@@ -529,6 +535,24 @@ def test_the_knn_monitor_with_other_settings_gets_its_own_metric(
     (run / "eval.json").write_text(json.dumps(dict(probe, settings={"k": 5, "t": 0.1})))
     res = export_model(run, tmp_path / "m3", onnx=False)
     assert res.metrics == {"knn_k5_top1": 50.0}
+
+
+def test_a_knn_monitor_on_a_bank_smaller_than_the_train_split_gets_its_own_metric(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    _with_knn_monitor(run, 200, 33.0, 66.0, bank=40)  # knn_max_train=40 of a larger split
+    res = export_model(run, tmp_path / "m", onnx=False)
+    assert res.metrics == {"knn_bank40_top1": 33.0, "knn_bank40_top5": 66.0}
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "kNN top-1 accuracy (bank=40)" in card
+    # the probe (the whole train split) is another number: both are published
+    here = _measured_on(run)
+    probe = {"protocol": "knn", "dataset": "npz", "top1": 50.0, **here}
+    (run / "eval.json").write_text(json.dumps(probe))
+    res = export_model(run, tmp_path / "m2", onnx=False)
+    assert res.metrics == {"knn_top1": 50.0, "knn_bank40_top1": 33.0, "knn_bank40_top5": 66.0}
 
 
 def test_parity_images_fall_back_to_example_images(

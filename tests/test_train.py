@@ -354,6 +354,15 @@ def test_the_run_records_its_data_root_as_an_absolute_path(tmp_path, tiny_npz, m
     assert cfg.data.root == str(tiny_npz.resolve())
 
 
+@pytest.mark.parametrize(("max_train", "bank"), [(40, 40), (96, None)])
+def test_the_knn_record_names_a_bank_smaller_than_the_train_split(
+    tmp_path, tiny_npz, max_train, bank
+):
+    cfg = tiny_config(tiny_npz, "epochs=1", f"knn_max_train={max_train}")
+    last = train(cfg, tmp_path / "run", progress=False)
+    assert "knn_top1" in last and last.get("knn_bank") == bank
+
+
 def test_missing_data_is_a_clear_error(tmp_path):
     cfg = tiny_config(tmp_path / "missing.npz", "epochs=1")
     with pytest.raises(DatasetError, match="missing.npz"):

@@ -186,7 +186,9 @@ def training_step(
 
 def _load_data(
     cfg: TrainConfig, splits: Mapping[str, ImageArrays] | None = None
-) -> tuple[ImageArrays, ImageArrays | None, ImageArrays | None]:
+) -> tuple[ImageArrays, ImageArrays | None, ImageArrays | None, bool]:
+    """(pre-training images, the kNN monitor's bank and test split or None, whether the bank
+    is a subset of the labelled train split: ``knn_max_train`` below its size)."""
     d = cfg.data
     size = d.image_size if d.dataset in FOLDER_DATASETS else None
     loaded = dict(splits or {})
@@ -206,6 +208,7 @@ def _load_data(
             full.classes,
         )
     train_l = test = None
+    capped = False
     if cfg.knn_every and d.dataset != "folder":
         # A labelled pre-training pool is the train split itself (every dataset but STL-10,
         # whose pool adds the unlabeled images): reuse it rather than read it twice.
@@ -217,8 +220,10 @@ def _load_data(
         if train_l.labels is None or test.labels is None:
             train_l = test = None
         else:
+            pool = len(train_l)
             train_l = knn_bank(train_l, cfg.knn_max_train)
-    return pretrain, train_l, test
+            capped = len(train_l) < pool
+    return pretrain, train_l, test, capped
 
 
 def knn_bank(train_l: ImageArrays, max_train: int) -> ImageArrays:
@@ -508,7 +513,7 @@ def _train(
         raise
 
     # ---- data (before the run folder is written, so bad data leaves nothing) -------------
-    pretrain, train_l, test = _load_data(cfg, splits)
+    pretrain, train_l, test, knn_capped = _load_data(cfg, splits)
     common = dict(
         seed=cfg.seed,
         rank=rank,
@@ -692,6 +697,8 @@ def _train(
             and ((epoch + 1) % cfg.knn_every == 0 or final_epoch)
         ):
             record.update(knn_monitor(model, cfg, train_l, test, device))
+            if knn_capped:  # a bank of knn_max_train images, not the whole train split
+                record["knn_bank"] = len(train_l)
         if not math.isfinite(record["loss"]):
             fp32 = " or use precision=fp32" if amp else ""
             raise FloatingPointError(
