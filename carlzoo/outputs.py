@@ -44,6 +44,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_safetensors",
     "check_writable",
+    "existing_ancestor",
     "output_format",
     "write_embeddings",
     "write_assignments",
@@ -182,6 +183,15 @@ def check_writable(path: str | Path) -> None:
             f"output {str(path)!r}: cannot create a file in {str(path.parent)!r}: "
             f"{e.strerror or e}; choose a writable folder"
         ) from None
+
+
+def existing_ancestor(path: str | Path) -> Path:
+    """``path`` when it exists, else the nearest of its parents that does: where the missing
+    folders of an output path would be made (a file there means they cannot be)."""
+    path = Path(path)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
 
 
 def output_format(path: str | Path) -> str:

@@ -69,6 +69,7 @@ from carlzoo.export.onnx import (
     parity_failure,
     parity_inputs,
 )
+from carlzoo.outputs import existing_ancestor
 from carlzoo.registry import sha256_file
 
 __all__ = [
@@ -623,9 +624,7 @@ def export_model(
             f"--out {given_out} already exists; pass --overwrite to replace it or "
             "choose another folder"
         )
-    parent = out_dir.parent  # missing folders above --out are made, as `carlzoo train` does
-    while not parent.exists() and parent.parent != parent:
-        parent = parent.parent
+    parent = existing_ancestor(out_dir.parent)  # missing folders above --out are made
     if not parent.is_dir():
         raise ExportError(
             f"--out {given_out}: {parent} is a file, not a folder; choose another path"

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from carlzoo.model import CARLModel, build_model
-from carlzoo.outputs import atomic_write_text
+from carlzoo.outputs import atomic_write_text, existing_ancestor
 from carlzoo.training import dist
 from carlzoo.training.checkpoint import (
     Checkpoint,
@@ -308,11 +308,7 @@ def _check_out_dir(out_dir: Path) -> None:
     hint = "choose another --out"
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file, not a folder; {hint}")
-    parent = out_dir
-    while not parent.exists():  # the nearest existing folder the run's folders go into
-        if parent.parent == parent:
-            break
-        parent = parent.parent
+    parent = existing_ancestor(out_dir)  # where the run's folders go
     if not parent.is_dir():
         raise ValueError(
             f"--out {out_dir} cannot be created: {parent} is a file, not a folder; {hint}"
