@@ -309,14 +309,14 @@ def linear_eval(train_features: np.ndarray | Tensor, train_labels: np.ndarray | 
     dev = resolve_device(device)
     xtr, ytr = _split(train_features, train_labels, "train")
     xte, yte = _split(test_features, test_labels, "test")
-    xtr, xte, ytr, yte = xtr.float().to(dev), xte.float().to(dev), ytr.to(dev), yte.to(dev)
-    c = _num_classes(ytr, yte, num_classes=num_classes)
-    t0 = time.perf_counter()
     if xtr.shape[0] < 2:
         raise ValueError(
             f"the linear probe needs at least 2 training rows, got {xtr.shape[0]}; give it a "
             "larger train split"
         )
+    xtr, xte, ytr, yte = xtr.float().to(dev), xte.float().to(dev), ytr.to(dev), yte.to(dev)
+    c = _num_classes(ytr, yte, num_classes=num_classes)
+    t0 = time.perf_counter()
     if standardize:
         mu, sd = xtr.mean(0, keepdim=True), xtr.std(0, keepdim=True).clamp_min(1e-6)
         xtr, xte = (xtr - mu) / sd, (xte - mu) / sd

@@ -283,11 +283,11 @@ def _check_start(
         )
     if dist.is_main_process():
         _check_out_dir(out_dir)
-    if dist.is_main_process() and not resume and last_path.exists():
-        raise FileExistsError(
-            f"{out_dir} already holds a run (checkpoints/last.safetensors);"
-            " pass --resume to continue it or choose another --out"
-        )
+        if not resume and last_path.exists():
+            raise FileExistsError(
+                f"{out_dir} already holds a run (checkpoints/last.safetensors);"
+                " pass --resume to continue it or choose another --out"
+            )
     saved = read_checkpoint_meta(last_path) if resume and last_path.exists() else None
     if resume and world > 1:
         _check_ranks_resume_alike(saved, out_dir, device)
