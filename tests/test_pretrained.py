@@ -956,15 +956,19 @@ def test_corrupt_lfs_blob_of_a_hub_spec_is_downloaded_again(
     assert f"delete the cached file {blob} and load once online" in msg and "\n" not in msg
 
 
+def _no_lfs_repo(local_hub: object, repo_id: str, files: dict[str, bytes]) -> str:
+    import hubserver
+
+    with pytest.MonkeyPatch.context() as mp:  # plain git files: blobs named by git sha1, not sha256
+        mp.setattr(hubserver, "_wants_lfs", lambda *args: False)
+        return local_hub.add_repo_files(repo_id, files)
+
+
 def test_undecodable_weights_of_a_hub_spec_are_downloaded_again(
     local_hub, folder: Path, loaded: PretrainedCARL, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import hubserver
-
-    with monkeypatch.context() as mp:  # plain git files: blobs named by git sha1, not sha256
-        mp.setattr(hubserver, "_wants_lfs", lambda *args: False)
-        sha = local_hub.add_repo_files("test/tiny-no-lfs", _folder_files(folder))
+    sha = _no_lfs_repo(local_hub, "test/tiny-no-lfs", _folder_files(folder))
     assert not local_hub.is_lfs("test/tiny-no-lfs", "model.safetensors")
     spec, cache = f"hf-hub:test/tiny-no-lfs@{sha}", tmp_path / "cache"
     load(spec, cache_dir=cache)
@@ -982,14 +986,6 @@ def test_undecodable_weights_of_a_hub_spec_are_downloaded_again(
     with pytest.raises(ZooError, match=f"corrupt weights file {re.escape(str(blob))} ") as info:
         load(spec, cache_dir=cache)
     assert f"delete the cached file {blob} and load once online" in str(info.value)
-
-
-def _no_lfs_repo(local_hub: object, repo_id: str, files: dict[str, bytes]) -> str:
-    import hubserver
-
-    with pytest.MonkeyPatch.context() as mp:  # plain git files: blobs named by git sha1
-        mp.setattr(hubserver, "_wants_lfs", lambda *args: False)
-        return local_hub.add_repo_files(repo_id, files)
 
 
 def test_corrupt_cached_config_of_a_hub_spec_is_downloaded_again(
