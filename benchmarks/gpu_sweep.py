@@ -47,15 +47,31 @@ from gpu_cifar10 import TimeGuard, config_label, portable_command  # noqa: E402 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _top_level_commas(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets: a YAML list value such as
+    ``augment.crop_scale=[0.14,1.0]`` stays one change."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        if c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+        elif c == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
 def parse_variant(spec: str) -> tuple[str, list[str]]:
-    """``NAME[:key=value,key=value]`` -> (NAME, ["key=value", ...])."""
+    """``NAME[:key=value,key=value]`` -> (NAME, ["key=value", ...]); a value in brackets may
+    hold commas (``crop:augment.crop_scale=[0.14,1.0]``)."""
     name, _, changes = spec.partition(":")
     if not name or not all(c.isalnum() or c in "._-" for c in name):
         raise argparse.ArgumentTypeError(
             f"--variant {spec!r}: expected NAME[:key=value,...] with a name of letters, "
             "digits, '.', '_' or '-'"
         )
-    overrides = [c.strip() for c in changes.split(",") if c.strip()] if changes else []
+    overrides = [c.strip() for c in _top_level_commas(changes) if c.strip()] if changes else []
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise argparse.ArgumentTypeError(f"--variant {spec!r}: {bad[0]!r} is not key=value")

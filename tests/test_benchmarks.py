@@ -539,3 +539,25 @@ def test_gpu_scripts_refuse_bad_input_before_writing(tmp_path):
         f"train_throughput.py: error: --data: npz: {npy} is not an .npz file (a zip of named "
         "arrays, as np.savez writes)"
     )
+
+
+def _bench_module(name: str):
+    """A script of benchmarks/ imported as a module (they import the scripts beside them)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_variant_changes_keep_the_commas_of_a_bracketed_value():
+    parse_variant = _bench_module("gpu_sweep").parse_variant
+    assert parse_variant("crop:augment.crop_scale=[0.14,1.0],optim.lr=0.3") == (
+        "crop", ["augment.crop_scale=[0.14,1.0]", "optim.lr=0.3"]
+    )  # fmt: skip
+    assert parse_variant("a:optim.lr=0.3, model.num_prototypes=512") == (
+        "a", ["optim.lr=0.3", "model.num_prototypes=512"]
+    )  # fmt: skip
+    assert parse_variant("base") == ("base", [])
