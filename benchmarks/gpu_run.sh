@@ -10,6 +10,10 @@
 # (augment_cost.py): 3 files.
 # STEP=sweep compares recipe variants for EPOCHS epochs each: 2 files, e.g.
 #   STEP=sweep EPOCHS=40 VARIANTS="base lr0.3:optim.lr=0.3 k300:model.num_prototypes=300"
+# STEP=runs trains up to 4 variants at once, each a whole train step's run sharing the GPU
+# (gpu_runs.py --pack): a run.tar per variant, the weight shards of the best (of two variants
+# both, of three or four one), runs.json and runs.log: at most 8 files, e.g.
+#   STEP=runs VARIANTS="k512:model.num_prototypes=512 crop0.14:augment.crop_scale=[0.14,1.0]"
 # EPOCHS must exceed the recipe's warm-up (10 epochs), else add SETS="optim.warmup_epochs=N".
 # Each step fits a 10-minute job. TIME_LIMIT (default 560 s) bounds the training script:
 # it ends training early, evaluates and says so when the recipe would not fit. EPOCHS
@@ -27,9 +31,9 @@ OUT=${OUT:-gpu-out}
 DATA=${DATA:?set DATA to a CIFAR-10 .npz}
 STEP=${STEP:-train}
 case "$STEP" in
-    train | throughput | sweep) ;;
+    train | throughput | sweep | runs) ;;
     *)
-        echo "gpu_run.sh: STEP=$STEP: expected train, throughput or sweep" >&2
+        echo "gpu_run.sh: STEP=$STEP: expected train, throughput, sweep or runs" >&2
         exit 2
         ;;
 esac
@@ -45,6 +49,9 @@ fi
 if [ "$STEP" = sweep ]; then
     : "${VARIANTS:?set VARIANTS to NAME[:key=value,...] words}" "${EPOCHS:?set EPOCHS}"
 fi
+if [ "$STEP" = runs ]; then
+    : "${VARIANTS:?set VARIANTS to NAME[:key=value,...] words}"
+fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # The installed layout (carlzoo, carlzoo.training, ...) without pip: a copy on PYTHONPATH.
@@ -57,7 +64,8 @@ cp -r cli "$SITE/carlzoo/cli"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 sets=()
-for kv in ${SETS:-}; do
+read -r -a words <<<"${SETS:-}"  # read -a: a value such as [0.14,1.0] is no glob
+for kv in "${words[@]}"; do
     sets+=(--set "$kv")
 done
 case "$STEP" in
@@ -81,9 +89,24 @@ case "$STEP" in
         } 2>&1 | tee "$OUT/throughput.txt" || status=$?
         log=throughput.txt
         ;;
+    runs)
+        args=()
+        read -r -a words <<<"$VARIANTS"
+        for v in "${words[@]}"; do
+            args+=(--variant "$v")
+        done
+        {
+            nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+            timeout 595 python3 benchmarks/gpu_runs.py --data "$DATA" --out "$OUT" --pack \
+                ${CONFIG:+--config "$CONFIG"} --time-limit "${TIME_LIMIT:-560}" \
+                ${EPOCHS:+--epochs "$EPOCHS"} "${args[@]}" "${sets[@]}"
+        } 2>&1 | tee "$OUT/runs.log" || status=$?
+        log=runs.log
+        ;;
     sweep)
         args=()
-        for v in $VARIANTS; do
+        read -r -a words <<<"$VARIANTS"
+        for v in "${words[@]}"; do
             args+=(--variant "$v")
         done
         {

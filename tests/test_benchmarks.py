@@ -561,3 +561,121 @@ def test_variant_changes_keep_the_commas_of_a_bracketed_value():
         "a", ["optim.lr=0.3", "model.num_prototypes=512"]
     )  # fmt: skip
     assert parse_variant("base") == ("base", [])
+
+
+def test_gpu_runs_keeps_the_weights_of_the_best_runs_that_fit_in_eight_files():
+    weights_kept = _bench_module("gpu_runs").weights_kept
+
+    def rows(*linear):
+        return [{"name": f"r{i}", "linear_top1": v, "knn_top1": 1.0} for i, v in enumerate(linear)]
+
+    # Two runs: 2 tars + 2 x 2 shards + runs.json + the log = 8 files.
+    assert weights_kept(rows(50.0, 60.0)) == {"r0", "r1"}
+    # Three or four: room for one run's shards, the best linear one's; a failed run has none.
+    assert weights_kept(rows(50.0, 70.0, 60.0)) == {"r1"}
+    assert weights_kept(rows(None, 40.0, 30.0, 20.0)) == {"r1"}
+    assert weights_kept([{"name": "r0"}, {"name": "r1"}]) == set()
+
+
+def test_gpu_runs_trains_variants_at_once_and_packs_them_into_eight_files(tmp_path):
+    data = random_npz(tmp_path / "c10.npz", 128, size=32, classes=10, n_test=32)
+    out = tmp_path / "out"
+    result = _run_script(
+        str(ROOT / "benchmarks" / "gpu_runs.py"), "--data", str(data), "--out", str(out),
+        "--epochs", "1", "--pack", *TINY_GPU_SETS, "--set", "knn_every=1",
+        "--variant", "base", "--variant", "crop:augment.crop_scale=[0.14,1.0]",
+        "--variant", "k20:model.num_prototypes=20",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    runs = json.loads((out / "runs.json").read_text())
+    assert [r["name"] for r in runs["runs"]] == ["base", "crop", "k20"]
+    assert all(r["returncode"] == 0 and r["epochs"] == 1 for r in runs["runs"])
+    assert "--data c10.npz --out OUT" in runs["command"] and str(tmp_path) not in runs["command"]
+    (best,) = [r for r in runs["runs"] if r["weights_kept"]]
+    assert best["linear_top1"] == max(r["linear_top1"] for r in runs["runs"])
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(
+        ["runs.json", "base/run.tar", "crop/run.tar", "k20/run.tar",
+         f"{best['name']}/weights-00001-of-00001.safetensors"]
+    )  # fmt: skip
+    assert "| crop | `augment.crop_scale=[0.14,1.0]` | 1/1 |" in result.stdout
+
+    # A run's folder is its tar and its shards: the run each variant trained, which --join
+    # rebuilds for `carlzoo export`.
+    import tarfile
+
+    from carlzoo.training.config import load_config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with tarfile.open(out / best["name"] / "run.tar") as tar:
+        assert sorted(tar.getnames()) == [
+            "config.yaml", "metrics.json", "metrics.jsonl", "train.log"
+        ]  # fmt: skip
+        tar.extractall(run, filter="data")
+    for shard in (out / best["name"]).glob("weights-*"):
+        (run / shard.name).write_bytes(shard.read_bytes())
+    with tarfile.open(out / "crop" / "run.tar") as tar:
+        tar.extract("config.yaml", tmp_path / "crop", filter="data")
+    assert load_config(tmp_path / "crop" / "config.yaml").augment.crop_scale == (0.14, 1.0)
+    result = _run_script(GPU, "--out", str(run), "--join")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run / "run" / "checkpoints" / "last.safetensors").is_file()
+
+
+def test_gpu_runs_refuses_bad_variants_and_earlier_results_before_starting(tmp_path):
+    script = str(ROOT / "benchmarks" / "gpu_runs.py")
+    data = random_npz(tmp_path / "c10.npz", 16, size=32, classes=10, n_test=16)
+    out = tmp_path / "out"
+    args = [script, "--data", str(data), "--out", str(out), "--epochs", "1", *TINY_GPU_SETS]
+    cases = [
+        (["--variant", "a:model.nope=1"], "--variant a: "),
+        (["--variant", "a", "--variant", "a:optim.lr=1"], "--variant names must differ"),
+        ([f"--variant=v{i}" for i in range(5)], "--variant: 5 given, at most 4 share one GPU"),
+        (["--variant", "a", "--data", str(tmp_path / "nope.npz")], "nope.npz: no such file"),
+    ]
+    for extra, message in cases:
+        result = _run_script(*args, *extra)
+        assert result.returncode == 2 and message in _last_line(result), (extra, result.stderr)
+        assert not out.exists()
+    (out / "b").mkdir(parents=True)  # an earlier run of a variant of that name
+    result = _run_script(*args, "--variant", "a", "--variant", "b")
+    assert result.returncode == 2
+    assert _last_line(result).endswith(
+        f"--out {out} holds an earlier b; choose another --out or empty it"
+    )
+    assert [p.name for p in out.iterdir()] == ["b"]
+
+
+def test_gpu_run_passes_bracketed_values_as_written_not_as_globs(tmp_path):
+    """SETS and VARIANTS words reach the scripts as written, also where a file in the
+    repository root matches them as a shell pattern."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    for name in ("carlzoo", "training", "export", "cli"):
+        (repo / name).mkdir()
+    (repo / "benchmarks" / "gpu_run.sh").write_text(
+        (ROOT / "benchmarks" / "gpu_run.sh").read_text()
+    )
+    (repo / "augment.crop_scale=0").write_text("")  # matches augment.crop_scale=[0.14,1.0]
+    (repo / "c:augment.crop_scale=1").write_text("")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "arg: $a"; done\n')
+    fake.chmod(0o755)
+    for step in ("train", "sweep", "runs"):
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               "DATA": "c10.npz", "OUT": str(tmp_path / step), "STEP": step, "EPOCHS": "1",
+               "SETS": "augment.crop_scale=[0.14,1.0]",
+               "VARIANTS": "c:augment.crop_scale=[0.2,1.0]"}  # fmt: skip
+        result = subprocess.run(
+            ["bash", str(repo / "benchmarks" / "gpu_run.sh")],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+        args = [line for line in result.stdout.splitlines() if line.startswith("arg: ")]
+        assert "arg: augment.crop_scale=[0.14,1.0]" in args, (step, result.stdout, result.stderr)
+        assert "arg: augment.crop_scale=0" not in args
+        if step != "train":
+            assert "arg: c:augment.crop_scale=[0.2,1.0]" in args, step
+            assert "arg: c:augment.crop_scale=1" not in args

@@ -1,0 +1,252 @@
+"""Train several carl-cifar10 candidates at once on one GPU, each a whole gpu_cifar10.py run.
+
+    python benchmarks/gpu_runs.py --data cifar10_webp90.npz --out OUT \
+        --variant k512:model.num_prototypes=512 \
+        --variant crop0.14:augment.crop_scale=[0.14,1.0] \
+        [--config training/configs/cifar10_fast.yaml] [--epochs 200] [--set key=value ...] \
+        [--time-limit 560] [--pack]
+
+Why at once: the CARL ResNet-18 step at 32 px is bound by the host thread that dispatches
+its kernels, not by the GPU. On an H200 one training step takes 14.1 ms at batch 2 and
+16.7 ms at batch 512 (``augment_cost.py``), so one run leaves the GPU idle most of the time,
+and two processes, each with its own host thread, share it with little loss each.
+
+Each ``--variant NAME[:key=value,...]`` (the syntax of ``gpu_sweep.py``; a value in brackets
+may hold commas) becomes one process of ``gpu_cifar10.py --out OUT/NAME`` with the recipe,
+the ``--set`` changes for every variant, then its own; its output goes to
+``OUT/NAME/train.log``. All start together with the same ``--time-limit``, so each stops
+early, evaluates and says so if sharing the GPU makes the schedule too long. Every variant's
+config is checked before any process starts.
+
+OUT/runs.json holds one row per variant (its changes, epochs done, kNN, linear, NMI,
+images/s, time, exit status) and a Markdown table for ``benchmarks/RESULTS.md`` is printed.
+The exit status is 0 when every run finished, 1 when one failed (the others are kept).
+
+``--pack`` is for machines that hand back at most 8 files: each run's small files
+(config.yaml, metrics.json, metrics.jsonl, train.log) go into ``OUT/NAME/run.tar``, and the
+weight shards are kept for as many runs as 8 files allow, best linear top-1 first (both
+runs of two; one of three or four). A run's folder for ``gpu_cifar10.py --join`` is then
+``tar -xf OUT/NAME/run.tar -C DIR`` plus its shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_cifar10 import config_label, portable_command  # noqa: E402  (scripts beside this one)
+from gpu_sweep import parse_variant  # noqa: E402
+
+from carlzoo.outputs import atomic_write_text  # noqa: E402
+from carlzoo.training.config import load_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+GPU_SCRIPT = Path(__file__).resolve().parent / "gpu_cifar10.py"
+SMALL_FILES = ("config.yaml", "metrics.json", "metrics.jsonl", "train.log")
+MAX_FILES = 8  # what a machine that limits them hands back
+OWN_FILES = 2  # runs.json and the job's log beside it (gpu_run.sh's runs.log)
+MAX_VARIANTS = 4
+
+
+def child_command(args: argparse.Namespace, changes: list[str], out: Path, limit: float) -> list:
+    """The gpu_cifar10.py command line of one variant."""
+    cmd = [sys.executable, str(GPU_SCRIPT), "--data", args.data, "--out", str(out)]
+    cmd += ["--config", args.config]
+    if args.epochs is not None:
+        cmd += ["--epochs", str(args.epochs)]
+    if limit:
+        cmd += ["--time-limit", f"{limit:.1f}"]
+    for kv in [*args.overrides, *changes]:
+        cmd += ["--set", kv]
+    return cmd
+
+
+def variant_overrides(args: argparse.Namespace, changes: list[str]) -> list[str]:
+    """The overrides gpu_cifar10.py builds for a variant, in its order."""
+    own = [f"data.root={Path(args.data).resolve()}", "data.dataset=cifar10"]
+    epochs = [f"epochs={args.epochs}"] if args.epochs is not None else []
+    return [*own, *args.overrides, *changes, *epochs]
+
+
+def weights_kept(rows: list[dict[str, Any]]) -> set[str]:
+    """Names of the runs whose two-or-fewer shards fit in MAX_FILES next to one tar per run
+    and OWN_FILES, best linear top-1 first; a run without results keeps none."""
+    room = (MAX_FILES - OWN_FILES - len(rows)) // 2
+    done = [r for r in rows if r.get("linear_top1") is not None]
+    done.sort(key=lambda r: (r["linear_top1"], r.get("knn_top1") or 0.0), reverse=True)
+    return {r["name"] for r in done[: max(room, 0)]}
+
+
+def pack(run: Path) -> None:
+    """run's small files into run/run.tar (written beside, then renamed), then removed."""
+    present = [run / n for n in SMALL_FILES if (run / n).is_file()]
+    tmp = run / ".run.tar.tmp"
+    with tarfile.open(tmp, "w") as tar:
+        for f in present:
+            tar.add(f, arcname=f.name)
+    tmp.replace(run / "run.tar")
+    for f in present:
+        f.unlink()
+
+
+def result_row(name: str, changes: list[str], run: Path, code: int, wall: float) -> dict[str, Any]:
+    """One variant's row of runs.json from its folder; ``wall``: seconds its process ran."""
+    row: dict[str, Any] = {"name": name, "changes": changes, "returncode": code, "wall_s": wall}
+    metrics_file = run / "metrics.json"
+    if not metrics_file.is_file():
+        log = run / "train.log"
+        lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+        row["error"] = lines[-1] if lines else f"exit status {code}, no output"
+        return row
+    m = json.loads(metrics_file.read_text())
+    rates = []
+    jsonl = run / "metrics.jsonl"
+    if jsonl.is_file():
+        for line in jsonl.read_text().splitlines():
+            if line.strip():
+                rates.append(json.loads(line).get("images_per_s", 0.0))
+    row.update(
+        epochs=m["epochs"],
+        epochs_planned=m["epochs_planned"],
+        stopped_early=m["stopped_early"],
+        knn_top1=m["knn"]["top1"],
+        linear_top1=m["linear"]["top1"],
+        nmi=m["clustering"].get("nmi"),
+        knn_curve=m["knn_curve"],
+        images_per_s=sum(rates) / len(rates) if rates else None,
+        train_time_s=m["train_time_s"],
+        total_time_s=m["total_time_s"],
+        hardware=m["hardware"],
+    )
+    return row
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| variant | changes | epochs | kNN top-1 | linear top-1 | NMI | images/s | s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        changes = ", ".join(f"`{c}`" for c in r["changes"]) or "(recipe)"
+        if "error" in r:
+            lines.append(f"| {r['name']} | {changes} | failed: {r['error']} | | | | | |")
+            continue
+        rate = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}"
+        nmi = "-" if r["nmi"] is None else f"{r['nmi']:.3f}"
+        lines.append(
+            f"| {r['name']} | {changes} | {r['epochs']}/{r['epochs_planned']} | "
+            f"{r['knn_top1']:.2f} | {r['linear_top1']:.2f} | {nmi} | {rate} | "
+            f"{r['wall_s']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, help="CIFAR-10 .npz (plain or WebP-encoded)")
+    p.add_argument("--out", required=True, help="output folder: OUT/NAME per variant, runs.json")
+    p.add_argument("--config", default=str(ROOT / "training/configs/cifar10_fast.yaml"))
+    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--variant", dest="variants", type=parse_variant, action="append", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="for every variant")
+    p.add_argument("--time-limit", type=float, default=0.0, help="seconds for each run (0: none)")
+    p.add_argument(
+        "--pack", action="store_true", help=f"leave at most {MAX_FILES} files in OUT (see above)"
+    )
+    args = p.parse_args()
+    names = [n for n, _ in args.variants]
+    if len(set(names)) != len(names):
+        p.error(f"--variant names must differ, got {names}")
+    if len(names) > MAX_VARIANTS:
+        p.error(
+            f"--variant: {len(names)} given, at most {MAX_VARIANTS} share one GPU here; "
+            "run the rest in another call"
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is not a folder")
+    held = [n for n in ["runs.json", *names] if (out / n).exists()]
+    if held:  # an earlier result would be overwritten or mixed with this one
+        p.error(f"--out {out} holds an earlier {', '.join(held)}; choose another --out or empty it")
+    for name, changes in args.variants:  # every config valid before any process starts
+        try:
+            load_config(args.config, variant_overrides(args, changes))
+        except ValueError as e:
+            p.error(f"--variant {name}: {e}")
+    if not Path(args.data).is_file():
+        p.error(f"--data {args.data}: no such file")
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // len(names))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    procs: dict[str, subprocess.Popen] = {}
+    logs = {}
+    for name, changes in args.variants:
+        run = out / name
+        run.mkdir()
+        logs[name] = open(run / "train.log", "w")  # noqa: SIM115  (closed below)
+        cmd = child_command(args, changes, run, args.time_limit)
+        print(f"== {name}: {portable_command(cmd[1:])}", flush=True)
+        procs[name] = subprocess.Popen(cmd, stdout=logs[name], stderr=subprocess.STDOUT, env=env)
+
+    def stop(signum: int, frame: object) -> None:  # `timeout` / Ctrl-C: no orphans on the GPU
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs.values():
+            proc.wait()
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    codes: dict[str, int] = {}
+    walls: dict[str, float] = {}
+    while len(codes) < len(procs):
+        for name, proc in procs.items():
+            if name not in codes and proc.poll() is not None:
+                codes[name] = proc.returncode
+                logs[name].close()
+                last = (out / name / "train.log").read_text(errors="replace").strip()
+                tail = last.splitlines()[-1] if last else ""
+                walls[name] = time.perf_counter() - t_start
+                print(
+                    f"== {name} ended ({codes[name]}) after {walls[name]:.0f} s: {tail}", flush=True
+                )
+        time.sleep(1)
+
+    rows = [result_row(n, c, out / n, codes[n], walls[n]) for n, c in args.variants]
+    if args.pack:
+        keep = weights_kept(rows)
+        for row in rows:
+            run = out / row["name"]
+            row["weights_kept"] = row["name"] in keep
+            if not row["weights_kept"]:
+                for shard in run.glob("weights-*.safetensors"):
+                    shard.unlink()
+            pack(run)
+    header = {
+        "config": config_label(args.config),
+        "overrides": args.overrides,
+        "data": Path(args.data).name,
+        "command": portable_command(sys.argv),
+        "seconds": time.perf_counter() - t_start,
+    }
+    atomic_write_text(
+        out / "runs.json", json.dumps({**header, "runs": rows}, indent=2, default=float)
+    )
+    print(markdown(rows))
+    return 0 if all(code == 0 for code in codes.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
