@@ -16,10 +16,11 @@
 #   STEP=runs VARIANTS="k512:model.num_prototypes=512 crop0.14:augment.crop_scale=[0.14,1.0]"
 # EPOCHS must exceed the recipe's warm-up (10 epochs), else add SETS="optim.warmup_epochs=N".
 # Each step fits a 10-minute job. TIME_LIMIT (default 560 s) bounds the training script:
-# it ends training early, evaluates and says so when the recipe would not fit. EPOCHS
+# it ends training early, evaluates and says so when the recipe would not fit, keeping
+# EVAL_RESERVE seconds (train and runs; default 45) for the evaluation and the files. EPOCHS
 # shortens the schedule itself (default: the recipe's 200 epochs). SETS="key=value ..." changes
-# the recipe (train and sweep), e.g. SETS="optim.lr=0.3 model.num_prototypes=300". CONFIG
-# names another recipe for train and sweep (a preset name such as cifar10_adamw, or a YAML
+# the recipe (train, sweep and runs), e.g. SETS="optim.lr=0.3 model.num_prototypes=300".
+# CONFIG names another recipe for train, sweep and runs (a preset name such as cifar10_adamw, or a YAML
 # path from the repository root; default: training/configs/cifar10_fast.yaml).
 # Each step needs an empty (or new) OUT of its own: an earlier result there would be
 # overwritten, or joined with this one. A step whose script refuses its arguments (exit
@@ -74,6 +75,7 @@ case "$STEP" in
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
             timeout 595 python3 benchmarks/gpu_cifar10.py --data "$DATA" --out "$OUT" \
                 ${CONFIG:+--config "$CONFIG"} --time-limit "${TIME_LIMIT:-560}" \
+                ${EVAL_RESERVE:+--eval-reserve "$EVAL_RESERVE"} \
                 ${EPOCHS:+--epochs "$EPOCHS"} "${sets[@]}"
         } 2>&1 | tee "$OUT/train.log" || status=$?
         log=train.log
@@ -99,6 +101,7 @@ case "$STEP" in
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
             timeout 595 python3 benchmarks/gpu_runs.py --data "$DATA" --out "$OUT" --pack \
                 ${CONFIG:+--config "$CONFIG"} --time-limit "${TIME_LIMIT:-560}" \
+                ${EVAL_RESERVE:+--eval-reserve "$EVAL_RESERVE"} \
                 ${EPOCHS:+--epochs "$EPOCHS"} "${args[@]}" "${sets[@]}"
         } 2>&1 | tee "$OUT/runs.log" || status=$?
         log=runs.log

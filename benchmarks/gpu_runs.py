@@ -4,7 +4,7 @@
         --variant k512:model.num_prototypes=512 \
         --variant crop0.14:augment.crop_scale=[0.14,1.0] \
         [--config training/configs/cifar10_fast.yaml] [--epochs 200] [--set key=value ...] \
-        [--time-limit 560] [--pack]
+        [--time-limit 560] [--eval-reserve 20] [--pack]
 
 Why at once: the CARL ResNet-18 step at 32 px is bound by the host thread that dispatches
 its kernels, not by the GPU. On an H200 one training step takes 14.1 ms at batch 2 and
@@ -65,6 +65,8 @@ def child_command(args: argparse.Namespace, changes: list[str], out: Path, limit
         cmd += ["--epochs", str(args.epochs)]
     if limit:
         cmd += ["--time-limit", f"{limit:.1f}"]
+    if args.eval_reserve is not None:
+        cmd += ["--eval-reserve", str(args.eval_reserve)]
     for kv in [*args.overrides, *changes]:
         cmd += ["--set", kv]
     return cmd
@@ -159,6 +161,9 @@ def main() -> int:
     p.add_argument("--variant", dest="variants", type=parse_variant, action="append", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="for every variant")
     p.add_argument("--time-limit", type=float, default=0.0, help="seconds for each run (0: none)")
+    p.add_argument(
+        "--eval-reserve", type=float, default=None, help="gpu_cifar10.py's (default: its own)"
+    )
     p.add_argument(
         "--pack", action="store_true", help=f"leave at most {MAX_FILES} files in OUT (see above)"
     )

@@ -582,7 +582,7 @@ def test_gpu_runs_trains_variants_at_once_and_packs_them_into_eight_files(tmp_pa
     out = tmp_path / "out"
     result = _run_script(
         str(ROOT / "benchmarks" / "gpu_runs.py"), "--data", str(data), "--out", str(out),
-        "--epochs", "1", "--pack", *TINY_GPU_SETS, "--set", "knn_every=1",
+        "--epochs", "1", "--pack", "--eval-reserve", "0", *TINY_GPU_SETS, "--set", "knn_every=1",
         "--variant", "base", "--variant", "crop:augment.crop_scale=[0.14,1.0]",
         "--variant", "k20:model.num_prototypes=20",
     )  # fmt: skip
@@ -599,6 +599,8 @@ def test_gpu_runs_trains_variants_at_once_and_packs_them_into_eight_files(tmp_pa
          f"{best['name']}/weights-00001-of-00001.safetensors"]
     )  # fmt: skip
     assert "| crop | `augment.crop_scale=[0.14,1.0]` | 1/1 |" in result.stdout
+    assert result.stdout.count("--time-limit") == 0  # none given, none passed on
+    assert result.stdout.count("--eval-reserve 0.0 --set model.width=4") == 3
 
     # A run's folder is its tar and its shards: the run each variant trained, which --join
     # rebuilds for `carlzoo export`.
@@ -667,7 +669,7 @@ def test_gpu_run_passes_bracketed_values_as_written_not_as_globs(tmp_path):
     for step in ("train", "sweep", "runs"):
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
                "DATA": "c10.npz", "OUT": str(tmp_path / step), "STEP": step, "EPOCHS": "1",
-               "SETS": "augment.crop_scale=[0.14,1.0]",
+               "SETS": "augment.crop_scale=[0.14,1.0]", "EVAL_RESERVE": "20",
                "VARIANTS": "c:augment.crop_scale=[0.2,1.0]"}  # fmt: skip
         result = subprocess.run(
             ["bash", str(repo / "benchmarks" / "gpu_run.sh")],
@@ -676,6 +678,8 @@ def test_gpu_run_passes_bracketed_values_as_written_not_as_globs(tmp_path):
         args = [line for line in result.stdout.splitlines() if line.startswith("arg: ")]
         assert "arg: augment.crop_scale=[0.14,1.0]" in args, (step, result.stdout, result.stderr)
         assert "arg: augment.crop_scale=0" not in args
+        if step != "sweep":  # the time the run keeps for its evaluation and files
+            assert args[args.index("arg: --eval-reserve") + 1] == "arg: 20", step
         if step != "train":
             assert "arg: c:augment.crop_scale=[0.2,1.0]" in args, step
             assert "arg: c:augment.crop_scale=1" not in args
