@@ -131,6 +131,9 @@ def shard_state(
     return paths
 
 
+EVAL_RESERVE = 45.0  # seconds a time-limited run keeps for its evaluation and files
+
+
 def portable_command(argv: list[str]) -> str:
     """The command line as recorded in results: file names instead of this machine's paths."""
 
@@ -496,7 +499,10 @@ def main() -> None:
         help="seconds for the whole script (0: none); training ends early to fit",
     )
     p.add_argument(
-        "--eval-reserve", type=float, default=45.0, help="seconds kept for evaluation and files"
+        "--eval-reserve",
+        type=float,
+        default=EVAL_RESERVE,
+        help="seconds kept for evaluation and files",
     )
     p.add_argument("--save-every", type=int, default=25, help="epochs between weight shards")
     p.add_argument(

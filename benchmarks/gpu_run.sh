@@ -10,9 +10,10 @@
 # (augment_cost.py): 3 files.
 # STEP=sweep compares recipe variants for EPOCHS epochs each: 2 files, e.g.
 #   STEP=sweep EPOCHS=40 VARIANTS="base lr0.3:optim.lr=0.3 k300:model.num_prototypes=300"
-# STEP=runs trains up to 4 variants at once, each a whole train step's run sharing the GPU
-# (gpu_runs.py --pack): a run.tar per variant, the weight shards of the best (of two variants
-# both, of three or four one), runs.json and runs.log: at most 8 files, e.g.
+# STEP=runs trains up to 4 variants at once, each a whole train step's run sharing the GPU;
+# the last-listed ones are stopped if not all would finish (list the best bet first). It leaves
+# a run.tar per variant, the weight shards of the best (of two variants both, of three or four
+# one), runs.json and runs.log: at most 8 files (gpu_runs.py --finish --pack), e.g.
 #   STEP=runs VARIANTS="k512:model.num_prototypes=512 crop0.14:augment.crop_scale=[0.14,1.0]"
 # EPOCHS must exceed the recipe's warm-up (10 epochs), else add SETS="optim.warmup_epochs=N".
 # Each step fits a 10-minute job. TIME_LIMIT (default 560 s) bounds the training script:
@@ -99,7 +100,7 @@ case "$STEP" in
         done
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-            timeout 595 python3 benchmarks/gpu_runs.py --data "$DATA" --out "$OUT" --pack \
+            timeout 595 python3 benchmarks/gpu_runs.py --data "$DATA" --out "$OUT" --pack --finish \
                 ${CONFIG:+--config "$CONFIG"} --time-limit "${TIME_LIMIT:-560}" \
                 ${EVAL_RESERVE:+--eval-reserve "$EVAL_RESERVE"} \
                 ${EPOCHS:+--epochs "$EPOCHS"} "${args[@]}" "${sets[@]}"

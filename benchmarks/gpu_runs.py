@@ -4,7 +4,7 @@
         --variant k512:model.num_prototypes=512 \
         --variant crop0.14:augment.crop_scale=[0.14,1.0] \
         [--config training/configs/cifar10_fast.yaml] [--epochs 200] [--set key=value ...] \
-        [--time-limit 560] [--eval-reserve 20] [--pack]
+        [--time-limit 560] [--eval-reserve 20] [--finish] [--pack]
 
 Why at once: the CARL ResNet-18 step at 32 px is bound by the host thread that dispatches
 its kernels, not by the GPU. On an H200 one training step takes 14.1 ms at batch 2 and
@@ -15,12 +15,16 @@ Each ``--variant NAME[:key=value,...]`` (the syntax of ``gpu_sweep.py``; a value
 may hold commas) becomes one process of ``gpu_cifar10.py --out OUT/NAME`` with the recipe,
 the ``--set`` changes for every variant, then its own; its output goes to
 ``OUT/NAME/train.log``. All start together with the same ``--time-limit``, so each stops
-early, evaluates and says so if sharing the GPU makes the schedule too long. Every variant's
-config is checked before any process starts.
+early, evaluates and says so if sharing the GPU makes the schedule too long. With
+``--finish`` the runs that can finish come first instead: once the pace of three epochs
+says that one of them would not finish its schedule in the time limit, the last-listed run
+still going is stopped (its row says so), and the others go on faster; so list the variants
+best bet first. Every variant's config is checked before any process starts.
 
 OUT/runs.json holds one row per variant (its changes, epochs done, kNN, linear, NMI,
 images/s, time, exit status) and a Markdown table for ``benchmarks/RESULTS.md`` is printed.
-The exit status is 0 when every run finished, 1 when one failed (the others are kept).
+The exit status is 0 when every run not stopped by ``--finish`` ended well, else 1 (the
+other runs are kept).
 
 ``--pack`` is for machines that hand back at most 8 files: each run's small files
 (config.yaml, metrics.json, metrics.jsonl, train.log) go into ``OUT/NAME/run.tar``, and the
@@ -43,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cifar10 import config_label, portable_command  # noqa: E402  (scripts beside this one)
+from gpu_cifar10 import EVAL_RESERVE, config_label, portable_command  # noqa: E402  (beside)
 from gpu_sweep import parse_variant  # noqa: E402
 
 from carlzoo.outputs import atomic_write_text  # noqa: E402
@@ -86,6 +90,45 @@ def weights_kept(rows: list[dict[str, Any]]) -> set[str]:
     done = [r for r in rows if r.get("linear_top1") is not None]
     done.sort(key=lambda r: (r["linear_top1"], r.get("knn_top1") or 0.0), reverse=True)
     return {r["name"] for r in done[: max(room, 0)]}
+
+
+def forecast(records: list[dict[str, Any]], epochs: int, since: int) -> float | None:
+    """Seconds the run's remaining epochs will take at the pace of its last three epochs
+    after epoch ``since`` (epoch 1, which loads and warms up, never counts), 5% added for the
+    kNN monitor and probes; None until three such epochs have ended."""
+    recent = [r["epoch_time_s"] for r in records if r["epoch"] > max(since, 1)][-3:]
+    if len(recent) < 3:
+        return None
+    return 1.05 * sum(recent) / 3 * (epochs - records[-1]["epoch"])
+
+
+def to_stop(
+    progress: dict[str, tuple[list[dict[str, Any]], int]],
+    elapsed: float,
+    limit: float,
+    reserve: float,
+    since: dict[str, int],
+) -> str | None:
+    """The run to stop so that the others can finish their schedules in ``limit`` seconds:
+    the last of the running ones (``progress``: name -> (its per-epoch records, its epochs),
+    in variant order) when one of them would not finish in time at the pace they share;
+    None while they all would, or while one runs alone."""
+    if len(progress) < 2:
+        return None
+    for name, (records, epochs) in progress.items():
+        left = forecast(records, epochs, since.get(name, 0))
+        if left is not None and elapsed + left + reserve > limit:
+            return list(progress)[-1]
+    return None
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl as far as it is written (copied whole after each epoch)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def pack(run: Path) -> None:
@@ -139,8 +182,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         changes = ", ".join(f"`{c}`" for c in r["changes"]) or "(recipe)"
-        if "error" in r:
-            lines.append(f"| {r['name']} | {changes} | failed: {r['error']} | | | | | |")
+        if "stopped" in r or "error" in r:
+            why = r.get("stopped") or f"failed: {r['error']}"
+            lines.append(f"| {r['name']} | {changes} | {why} | | | | | |")
             continue
         rate = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.0f}"
         nmi = "-" if r["nmi"] is None else f"{r['nmi']:.3f}"
@@ -165,6 +209,11 @@ def main() -> int:
         "--eval-reserve", type=float, default=None, help="gpu_cifar10.py's (default: its own)"
     )
     p.add_argument(
+        "--finish",
+        action="store_true",
+        help="with --time-limit: stop the last runs when sharing would cut all schedules short",
+    )
+    p.add_argument(
         "--pack", action="store_true", help=f"leave at most {MAX_FILES} files in OUT (see above)"
     )
     args = p.parse_args()
@@ -182,9 +231,10 @@ def main() -> int:
     held = [n for n in ["runs.json", *names] if (out / n).exists()]
     if held:  # an earlier result would be overwritten or mixed with this one
         p.error(f"--out {out} holds an earlier {', '.join(held)}; choose another --out or empty it")
+    planned: dict[str, int] = {}
     for name, changes in args.variants:  # every config valid before any process starts
         try:
-            load_config(args.config, variant_overrides(args, changes))
+            planned[name] = load_config(args.config, variant_overrides(args, changes)).epochs
         except ValueError as e:
             p.error(f"--variant {name}: {e}")
     if not Path(args.data).is_file():
@@ -216,7 +266,26 @@ def main() -> int:
     signal.signal(signal.SIGINT, stop)
     codes: dict[str, int] = {}
     walls: dict[str, float] = {}
+    stopped: dict[str, str] = {}  # runs stopped so that the others finish, and why
+    since: dict[str, int] = {}  # epoch of each run when the last one was stopped
+    reserve = EVAL_RESERVE if args.eval_reserve is None else args.eval_reserve
     while len(codes) < len(procs):
+        running = [n for n in names if n not in codes and n not in stopped]
+        if args.finish and args.time_limit and len(running) > 1:
+            progress = {n: (read_records(out / n / "metrics.jsonl"), planned[n]) for n in running}
+            elapsed = time.perf_counter() - t_start
+            victim = to_stop(progress, elapsed, args.time_limit, reserve, since)
+            if victim is not None and procs[victim].poll() is None:
+                epoch = progress[victim][0][-1]["epoch"] if progress[victim][0] else 0
+                stopped[victim] = (
+                    f"stopped after epoch {epoch} at {elapsed:.0f} s: sharing the GPU, not every "
+                    f"run would finish its schedule in {args.time_limit:.0f} s"
+                )
+                print(f"== {victim} {stopped[victim]}", flush=True)
+                procs[victim].terminate()
+                for n in running:  # their pace so far was shared with the stopped run
+                    records = progress[n][0]
+                    since[n] = records[-1]["epoch"] if records else 0
         for name, proc in procs.items():
             if name not in codes and proc.poll() is not None:
                 codes[name] = proc.returncode
@@ -230,6 +299,10 @@ def main() -> int:
         time.sleep(1)
 
     rows = [result_row(n, c, out / n, codes[n], walls[n]) for n, c in args.variants]
+    for row in rows:
+        if row["name"] in stopped:
+            row.pop("error", None)  # the log's last line: the signal, not the reason
+            row["stopped"] = stopped[row["name"]]
     if args.pack:
         keep = weights_kept(rows)
         for row in rows:
@@ -250,7 +323,7 @@ def main() -> int:
         out / "runs.json", json.dumps({**header, "runs": rows}, indent=2, default=float)
     )
     print(markdown(rows))
-    return 0 if all(code == 0 for code in codes.values()) else 1
+    return 0 if all(code == 0 for n, code in codes.items() if n not in stopped) else 1
 
 
 if __name__ == "__main__":

@@ -683,3 +683,45 @@ def test_gpu_run_passes_bracketed_values_as_written_not_as_globs(tmp_path):
         if step != "train":
             assert "arg: c:augment.crop_scale=[0.2,1.0]" in args, step
             assert "arg: c:augment.crop_scale=1" not in args
+
+
+def test_gpu_runs_stops_the_last_run_when_sharing_would_cut_every_schedule_short():
+    gpu_runs = _bench_module("gpu_runs")
+
+    def records(*times):  # epoch 1 loads and warms up: never counted
+        return [{"epoch": e, "epoch_time_s": t} for e, t in enumerate(times, 1)]
+
+    shared = records(9.0, 2.0, 2.0, 2.0, 2.0)  # 195 epochs left at 2.1 s (5% added): 410 s
+    assert gpu_runs.forecast(shared, 200, 0) == pytest.approx(1.05 * 2.0 * 195)
+    assert gpu_runs.forecast(shared[:3], 200, 0) is None  # two paced epochs only
+    assert gpu_runs.forecast(shared, 200, 3) is None  # two since the last stop
+
+    def stop(a, b, elapsed=20.0, limit=560.0):
+        return gpu_runs.to_stop({"a": (a, 200), "b": (b, 200)}, elapsed, limit, 20.0, {})
+
+    assert stop(shared, shared) is None  # 20 + 410 + 20 s fit in 560
+    assert stop(shared, shared, limit=440.0) == "b"  # the last one goes, whichever is late
+    assert stop(records(9.0, 3.0, 3.0, 3.0), shared) == "b"
+    assert stop(records(9.0, 3.0, 3.0), records(9.0, 3.0, 3.0)) is None  # too early to tell
+    alone = {"a": (records(9.0, 3.0, 3.0, 3.0), 200)}
+    assert gpu_runs.to_stop(alone, 20.0, 100.0, 20.0, {}) is None  # nothing to share with
+
+
+def test_gpu_runs_finish_stops_the_last_run_so_the_first_can_go_on(tmp_path):
+    data = random_npz(tmp_path / "c10.npz", 128, size=32, classes=10, n_test=32)
+    out = tmp_path / "out"
+    # 500 epochs cannot fit in 20 s: the second run is stopped once three epochs say so, and
+    # the first goes on until its own time limit ends it early.
+    result = _run_script(
+        str(ROOT / "benchmarks" / "gpu_runs.py"), "--data", str(data), "--out", str(out),
+        "--epochs", "500", "--time-limit", "20", "--eval-reserve", "0", "--finish", "--pack",
+        *TINY_GPU_SETS, "--set", "knn_every=0", "--variant", "first", "--variant", "second",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    first, second = json.loads((out / "runs.json").read_text())["runs"]
+    assert second["stopped"].startswith("stopped after epoch")
+    assert "not every run would finish its schedule in 20 s" in second["stopped"]
+    assert "error" not in second and not second["weights_kept"]
+    assert first["epochs"] < 500 and first["stopped_early"].startswith("time limit")
+    assert first["weights_kept"] and "stopped" not in first
+    assert "| second | (recipe) | stopped after epoch" in result.stdout
