@@ -66,7 +66,8 @@ cp -r cli "$SITE/carlzoo/cli"
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 status=0
 sets=()
-read -r -a words <<<"${SETS:-}"  # read -a: a value such as [0.14,1.0] is no glob
+# read -a: a value such as [0.14,1.0] is no glob; -d '': words on several lines all count
+read -r -d '' -a words <<<"${SETS:-}" || true
 for kv in "${words[@]}"; do
     sets+=(--set "$kv")
 done
@@ -94,7 +95,7 @@ case "$STEP" in
         ;;
     runs)
         args=()
-        read -r -a words <<<"$VARIANTS"
+        read -r -d '' -a words <<<"$VARIANTS" || true
         for v in "${words[@]}"; do
             args+=(--variant "$v")
         done
@@ -109,7 +110,7 @@ case "$STEP" in
         ;;
     sweep)
         args=()
-        read -r -a words <<<"$VARIANTS"
+        read -r -d '' -a words <<<"$VARIANTS" || true
         for v in "${words[@]}"; do
             args+=(--variant "$v")
         done

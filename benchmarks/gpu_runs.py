@@ -17,9 +17,10 @@ the ``--set`` changes for every variant, then its own; its output goes to
 ``OUT/NAME/train.log``. All start together with the same ``--time-limit``, so each stops
 early, evaluates and says so if sharing the GPU makes the schedule too long. With
 ``--finish`` the runs that can finish come first instead: once the pace of three epochs
-says that one of them would not finish its schedule in the time limit, the last-listed run
-still going is stopped (its row says so), and the others go on faster; so list the variants
-best bet first. Every variant's config is checked before any process starts.
+says that two or more would not finish their schedules in the time limit, the last-listed of
+those is stopped (its row says so) and the others go on faster; a run that would finish is
+never stopped. So list the variants best bet first. Every variant's config is checked
+before any process starts.
 
 OUT/runs.json holds one row per variant (its changes, epochs done, kNN, linear, NMI,
 images/s, time, exit status) and a Markdown table for ``benchmarks/RESULTS.md`` is printed.
@@ -59,6 +60,9 @@ SMALL_FILES = ("config.yaml", "metrics.json", "metrics.jsonl", "train.log")
 MAX_FILES = 8  # what a machine that limits them hands back
 OWN_FILES = 2  # runs.json and the job's log beside it (gpu_run.sh's runs.log)
 MAX_VARIANTS = 4
+RESERVED = ("runs.json", "runs.log")  # OUT's own files: no variant's folder
+STARTUP = 10.0  # seconds a run's start-up (imports) takes that its own clock does not count
+KILL_AFTER = 30.0  # seconds a run has to end after SIGTERM before SIGKILL
 
 
 def child_command(args: argparse.Namespace, changes: list[str], out: Path, limit: float) -> list:
@@ -83,13 +87,27 @@ def variant_overrides(args: argparse.Namespace, changes: list[str]) -> list[str]
     return [*own, *args.overrides, *changes, *epochs]
 
 
-def weights_kept(rows: list[dict[str, Any]]) -> set[str]:
-    """Names of the runs whose two-or-fewer shards fit in MAX_FILES next to one tar per run
-    and OWN_FILES, best linear top-1 first; a run without results keeps none."""
-    room = (MAX_FILES - OWN_FILES - len(rows)) // 2
+def weights_kept(rows: list[dict[str, Any]], shards: dict[str, int]) -> set[str]:
+    """Names of the runs whose shards (``shards``: name -> count) fit in MAX_FILES next to
+    one tar per run and OWN_FILES, best linear top-1 first; a run without results keeps none."""
+    room = MAX_FILES - OWN_FILES - len(rows)
     done = [r for r in rows if r.get("linear_top1") is not None]
     done.sort(key=lambda r: (r["linear_top1"], r.get("knn_top1") or 0.0), reverse=True)
-    return {r["name"] for r in done[: max(room, 0)]}
+    kept = set()
+    for r in done:
+        if 0 < shards[r["name"]] <= room:
+            kept.add(r["name"])
+            room -= shards[r["name"]]
+    return kept
+
+
+def shard_count(run: Path) -> int:
+    return len(list(run.glob("weights-*.safetensors")))
+
+
+def last_line(log: Path) -> str:
+    text = log.read_text(errors="replace").strip() if log.is_file() else ""
+    return text.splitlines()[-1] if text else ""
 
 
 def forecast(records: list[dict[str, Any]], epochs: int, since: int) -> float | None:
@@ -109,17 +127,16 @@ def to_stop(
     reserve: float,
     since: dict[str, int],
 ) -> str | None:
-    """The run to stop so that the others can finish their schedules in ``limit`` seconds:
-    the last of the running ones (``progress``: name -> (its per-epoch records, its epochs),
-    in variant order) when one of them would not finish in time at the pace they share;
-    None while they all would, or while one runs alone."""
-    if len(progress) < 2:
-        return None
+    """The run to stop so that another can finish its schedule in ``limit`` seconds
+    (``progress``: name -> (its per-epoch records, its epochs), in variant order): the last of
+    those that would not finish in time at the pace they share, when at least two would not
+    (stopping it speeds up the earlier one). A run that would finish is never stopped."""
+    late = []
     for name, (records, epochs) in progress.items():
         left = forecast(records, epochs, since.get(name, 0))
         if left is not None and elapsed + left + reserve > limit:
-            return list(progress)[-1]
-    return None
+            late.append(name)
+    return late[-1] if len(late) >= 2 else None
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -148,17 +165,15 @@ def result_row(name: str, changes: list[str], run: Path, code: int, wall: float)
     row: dict[str, Any] = {"name": name, "changes": changes, "returncode": code, "wall_s": wall}
     metrics_file = run / "metrics.json"
     if not metrics_file.is_file():
-        log = run / "train.log"
-        lines = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
-        row["error"] = lines[-1] if lines else f"exit status {code}, no output"
+        last = last_line(run / "train.log") or "no output"
+        if code < 0:  # the OOM killer, say
+            last = f"killed by {signal.Signals(-code).name}; its log ends: {last}"
+        row["error"] = last
         return row
     m = json.loads(metrics_file.read_text())
-    rates = []
-    jsonl = run / "metrics.jsonl"
-    if jsonl.is_file():
-        for line in jsonl.read_text().splitlines():
-            if line.strip():
-                rates.append(json.loads(line).get("images_per_s", 0.0))
+    records = read_records(run / "metrics.jsonl")
+    paced = [r for r in records if r["epoch"] > 1] or records  # epoch 1 loads and warms up
+    rates = [r["images_per_s"] for r in paced if "images_per_s" in r]
     row.update(
         epochs=m["epochs"],
         epochs_planned=m["epochs_planned"],
@@ -220,6 +235,11 @@ def main() -> int:
     names = [n for n, _ in args.variants]
     if len(set(names)) != len(names):
         p.error(f"--variant names must differ, got {names}")
+    for name in names:
+        if name in RESERVED or set(name) == {"."}:
+            p.error(f"--variant {name}: that name is OUT's own ({', '.join(RESERVED)}, '.', '..')")
+    if args.finish and not args.time_limit:
+        p.error("--finish stops runs that would not finish in --time-limit: give one")
     if len(names) > MAX_VARIANTS:
         p.error(
             f"--variant: {len(names)} given, at most {MAX_VARIANTS} share one GPU here; "
@@ -241,37 +261,51 @@ def main() -> int:
         p.error(f"--data {args.data}: no such file")
 
     t_start = time.perf_counter()
+    made_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // len(names))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     procs: dict[str, subprocess.Popen] = {}
     logs = {}
+    signals: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        # `timeout` signals this process and then its whole group: only note it here (a
+        # handler that waited could run again inside its own wait and never return).
+        signals.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     for name, changes in args.variants:
+        if signals:
+            break
         run = out / name
         run.mkdir()
         logs[name] = open(run / "train.log", "w")  # noqa: SIM115  (closed below)
-        cmd = child_command(args, changes, run, args.time_limit)
+        limit = max(args.time_limit - (time.perf_counter() - t_start) - STARTUP, 1.0)
+        cmd = child_command(args, changes, run, limit if args.time_limit else 0.0)
         print(f"== {name}: {portable_command(cmd[1:])}", flush=True)
         procs[name] = subprocess.Popen(cmd, stdout=logs[name], stderr=subprocess.STDOUT, env=env)
 
-    def stop(signum: int, frame: object) -> None:  # `timeout` / Ctrl-C: no orphans on the GPU
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs.values():
-            proc.wait()
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     codes: dict[str, int] = {}
     walls: dict[str, float] = {}
     stopped: dict[str, str] = {}  # runs stopped so that the others finish, and why
     since: dict[str, int] = {}  # epoch of each run when the last one was stopped
     reserve = EVAL_RESERVE if args.eval_reserve is None else args.eval_reserve
+    t_signal = None
     while len(codes) < len(procs):
-        running = [n for n in names if n not in codes and n not in stopped]
-        if args.finish and args.time_limit and len(running) > 1:
+        if signals and t_signal is None:  # stop every run, then record what there is
+            t_signal = time.perf_counter()
+            print(f"== signal {signal.Signals(signals[0]).name}: stopping every run", flush=True)
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.terminate()
+        if t_signal is not None and time.perf_counter() - t_signal > KILL_AFTER:
+            for proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+        running = [n for n in procs if n not in codes and n not in stopped]
+        if args.finish and not signals and len(running) > 1:
             progress = {n: (read_records(out / n / "metrics.jsonl"), planned[n]) for n in running}
             elapsed = time.perf_counter() - t_start
             victim = to_stop(progress, elapsed, args.time_limit, reserve, since)
@@ -290,21 +324,36 @@ def main() -> int:
             if name not in codes and proc.poll() is not None:
                 codes[name] = proc.returncode
                 logs[name].close()
-                last = (out / name / "train.log").read_text(errors="replace").strip()
-                tail = last.splitlines()[-1] if last else ""
                 walls[name] = time.perf_counter() - t_start
                 print(
-                    f"== {name} ended ({codes[name]}) after {walls[name]:.0f} s: {tail}", flush=True
+                    f"== {name} ended ({codes[name]}) after {walls[name]:.0f} s: "
+                    f"{last_line(out / name / 'train.log')}",
+                    flush=True,
                 )
-        time.sleep(1)
+        time.sleep(0.2)
 
-    rows = [result_row(n, c, out / n, codes[n], walls[n]) for n, c in args.variants]
+    if not signals and codes and all(c == 2 for c in codes.values()):
+        # Every run refused its arguments (exit status 2, e.g. a --data that is no CIFAR-10
+        # .npz) before any work: nothing is left behind, so the corrected call can use OUT.
+        why = last_line(out / names[0] / "train.log")
+        for name in procs:
+            (out / name / "train.log").unlink()
+            (out / name).rmdir()
+        if made_out:
+            out.rmdir()
+        p.error(f"every run refused to start; {names[0]}'s says: {why}")
+
+    rows = [
+        result_row(n, c, out / n, codes[n], walls[n]) for n, c in args.variants if n in procs
+    ]
     for row in rows:
         if row["name"] in stopped:
             row.pop("error", None)  # the log's last line: the signal, not the reason
             row["stopped"] = stopped[row["name"]]
+        elif signals and "linear_top1" not in row:
+            row["error"] = f"stopped by {signal.Signals(signals[0]).name} to gpu_runs.py"
     if args.pack:
-        keep = weights_kept(rows)
+        keep = weights_kept(rows, {r["name"]: shard_count(out / r["name"]) for r in rows})
         for row in rows:
             run = out / row["name"]
             row["weights_kept"] = row["name"] in keep
@@ -323,6 +372,8 @@ def main() -> int:
         out / "runs.json", json.dumps({**header, "runs": rows}, indent=2, default=float)
     )
     print(markdown(rows))
+    if signals:
+        return 128 + signals[0]
     return 0 if all(code == 0 for n, code in codes.items() if n not in stopped) else 1
 
 

@@ -569,12 +569,17 @@ def test_gpu_runs_keeps_the_weights_of_the_best_runs_that_fit_in_eight_files():
     def rows(*linear):
         return [{"name": f"r{i}", "linear_top1": v, "knn_top1": 1.0} for i, v in enumerate(linear)]
 
+    two = {"r0": 2, "r1": 2, "r2": 2, "r3": 2}  # ResNet-18 in float16: 2 shards of < 16 MiB
     # Two runs: 2 tars + 2 x 2 shards + runs.json + the log = 8 files.
-    assert weights_kept(rows(50.0, 60.0)) == {"r0", "r1"}
+    assert weights_kept(rows(50.0, 60.0), two) == {"r0", "r1"}
     # Three or four: room for one run's shards, the best linear one's; a failed run has none.
-    assert weights_kept(rows(50.0, 70.0, 60.0)) == {"r1"}
-    assert weights_kept(rows(None, 40.0, 30.0, 20.0)) == {"r1"}
-    assert weights_kept([{"name": "r0"}, {"name": "r1"}]) == set()
+    assert weights_kept(rows(50.0, 70.0, 60.0), two) == {"r1"}
+    assert weights_kept(rows(None, 40.0, 30.0, 20.0), two) == {"r1"}
+    assert weights_kept([{"name": "r0"}, {"name": "r1"}], two) == set()
+    # Larger models have more shards (a ResNet-34: 3): the best that fit, in order.
+    assert weights_kept(rows(50.0, 60.0), {"r0": 2, "r1": 3}) == {"r1"}
+    assert weights_kept(rows(60.0, 50.0), {"r0": 3, "r1": 4}) == {"r0"}
+    assert weights_kept(rows(60.0, 50.0), {"r0": 5, "r1": 2}) == {"r1"}
 
 
 def test_gpu_runs_trains_variants_at_once_and_packs_them_into_eight_files(tmp_path):
@@ -591,12 +596,13 @@ def test_gpu_runs_trains_variants_at_once_and_packs_them_into_eight_files(tmp_pa
     assert [r["name"] for r in runs["runs"]] == ["base", "crop", "k20"]
     assert all(r["returncode"] == 0 and r["epochs"] == 1 for r in runs["runs"])
     assert "--data c10.npz --out OUT" in runs["command"] and str(tmp_path) not in runs["command"]
-    (best,) = [r for r in runs["runs"] if r["weights_kept"]]
-    assert best["linear_top1"] == max(r["linear_top1"] for r in runs["runs"])
+    # These tiny models have one shard each: 3 tars + 3 shards + runs.json (+ the log) fit.
+    assert all(r["weights_kept"] for r in runs["runs"])
+    best = max(runs["runs"], key=lambda r: r["linear_top1"])
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert files == sorted(
-        ["runs.json", "base/run.tar", "crop/run.tar", "k20/run.tar",
-         f"{best['name']}/weights-00001-of-00001.safetensors"]
+        ["runs.json", *(f"{n}/{f}" for n in ("base", "crop", "k20")
+                        for f in ("run.tar", "weights-00001-of-00001.safetensors"))]
     )  # fmt: skip
     assert "| crop | `augment.crop_scale=[0.14,1.0]` | 1/1 |" in result.stdout
     assert result.stdout.count("--time-limit") == 0  # none given, none passed on
@@ -635,6 +641,9 @@ def test_gpu_runs_refuses_bad_variants_and_earlier_results_before_starting(tmp_p
         (["--variant", "a", "--variant", "a:optim.lr=1"], "--variant names must differ"),
         ([f"--variant=v{i}" for i in range(5)], "--variant: 5 given, at most 4 share one GPU"),
         (["--variant", "a", "--data", str(tmp_path / "nope.npz")], "nope.npz: no such file"),
+        (["--variant", "a", "--variant", ".."], "--variant ..: that name is OUT's own"),
+        (["--variant", "runs.json"], "--variant runs.json: that name is OUT's own"),
+        (["--variant", "a", "--finish"], "--finish stops runs that would not finish in --time"),
     ]
     for extra, message in cases:
         result = _run_script(*args, *extra)
@@ -647,6 +656,58 @@ def test_gpu_runs_refuses_bad_variants_and_earlier_results_before_starting(tmp_p
         f"--out {out} holds an earlier b; choose another --out or empty it"
     )
     assert [p.name for p in out.iterdir()] == ["b"]
+
+    # A data file every run refuses (exit status 2, before any work): nothing is left behind.
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not an npz\n")
+    fresh = tmp_path / "fresh"
+    result = _run_script(
+        script, "--data", str(bad), "--out", str(fresh), "--epochs", "1", *TINY_GPU_SETS,
+        "--variant", "a", "--variant", "b",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout[-2000:]
+    assert "every run refused to start; a's says: " in _last_line(result)
+    assert "bad.npz" in _last_line(result) and not fresh.exists()
+
+
+def test_gpu_runs_row_of_a_killed_run_names_the_signal(tmp_path):
+    result_row = _bench_module("gpu_runs").result_row
+    (tmp_path / "train.log").write_text("device cpu\n06:47:13 epoch 35/200 loss 2.5\n")
+    row = result_row("a", ["optim.lr=1"], tmp_path, -9, 12.0)
+    assert row["error"] == "killed by SIGKILL; its log ends: 06:47:13 epoch 35/200 loss 2.5"
+    assert row["returncode"] == -9 and row["wall_s"] == 12.0
+
+
+def test_gpu_runs_stopped_by_timeout_stops_every_run_and_records_them(tmp_path):
+    """`timeout` signals gpu_runs.py and then its whole process group: every run stops, and
+    runs.json says so."""
+    data = random_npz(tmp_path / "c10.npz", 128, size=32, classes=10, n_test=32)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_runs.py"), "--data", str(data),
+         "--out", str(out), "--epochs", "500", "--pack", *TINY_GPU_SETS,
+         "--set", "knn_every=0", "--variant", "a", "--variant", "b"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(
+            (out / n / "metrics.jsonl").is_file() for n in ("a", "b")
+        ):
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)  # as `timeout` does: the driver, then the group
+        stdout, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, stdout[-2000:]
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no run left behind
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["a", "b"]
+    assert all(r["error"] == "stopped by SIGTERM to gpu_runs.py" for r in runs)
+    assert sorted(p.name for p in out.iterdir()) == ["a", "b", "runs.json"]
+    assert [p.name for p in (out / "a").iterdir()] == ["run.tar"]
 
 
 def test_gpu_run_passes_bracketed_values_as_written_not_as_globs(tmp_path):
@@ -670,7 +731,7 @@ def test_gpu_run_passes_bracketed_values_as_written_not_as_globs(tmp_path):
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
                "DATA": "c10.npz", "OUT": str(tmp_path / step), "STEP": step, "EPOCHS": "1",
                "SETS": "augment.crop_scale=[0.14,1.0]", "EVAL_RESERVE": "20",
-               "VARIANTS": "c:augment.crop_scale=[0.2,1.0]"}  # fmt: skip
+               "VARIANTS": "c:augment.crop_scale=[0.2,1.0]\n  d:optim.lr=0.1"}  # fmt: skip
         result = subprocess.run(
             ["bash", str(repo / "benchmarks" / "gpu_run.sh")],
             capture_output=True, text=True, timeout=60, env=env,
@@ -683,6 +744,7 @@ def test_gpu_run_passes_bracketed_values_as_written_not_as_globs(tmp_path):
         if step != "train":
             assert "arg: c:augment.crop_scale=[0.2,1.0]" in args, step
             assert "arg: c:augment.crop_scale=1" not in args
+            assert "arg: d:optim.lr=0.1" in args  # a word on the next line counts too
 
 
 def test_gpu_runs_stops_the_last_run_when_sharing_would_cut_every_schedule_short():
@@ -700,9 +762,15 @@ def test_gpu_runs_stops_the_last_run_when_sharing_would_cut_every_schedule_short
         return gpu_runs.to_stop({"a": (a, 200), "b": (b, 200)}, elapsed, limit, 20.0, {})
 
     assert stop(shared, shared) is None  # 20 + 410 + 20 s fit in 560
-    assert stop(shared, shared, limit=440.0) == "b"  # the last one goes, whichever is late
-    assert stop(records(9.0, 3.0, 3.0, 3.0), shared) == "b"
+    assert stop(shared, shared, limit=440.0) == "b"  # both late: the last one goes
+    slow = records(9.0, 3.0, 3.0, 3.0)  # 197 epochs left at 3.15 s: 621 s
+    assert stop(slow, slow) == "b"
+    # A run that would finish is never stopped, also where another would not: it ends soon
+    # and leaves the GPU to the other anyway.
+    assert stop(slow, shared) is None and stop(shared, slow) is None
     assert stop(records(9.0, 3.0, 3.0), records(9.0, 3.0, 3.0)) is None  # too early to tell
+    three = {"a": (slow, 200), "b": (shared, 200), "c": (slow, 200)}
+    assert gpu_runs.to_stop(three, 20.0, 560.0, 20.0, {}) == "c"
     alone = {"a": (records(9.0, 3.0, 3.0, 3.0), 200)}
     assert gpu_runs.to_stop(alone, 20.0, 100.0, 20.0, {}) is None  # nothing to share with
 
