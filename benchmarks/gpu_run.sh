@@ -71,6 +71,11 @@ read -r -d '' -a words <<<"${SETS:-}" || true
 for kv in "${words[@]}"; do
     sets+=(--set "$kv")
 done
+args=()  # sweep and runs: one --variant per word of VARIANTS
+read -r -d '' -a words <<<"${VARIANTS:-}" || true
+for v in "${words[@]}"; do
+    args+=(--variant "$v")
+done
 case "$STEP" in
     train)
         {
@@ -94,11 +99,6 @@ case "$STEP" in
         log=throughput.txt
         ;;
     runs)
-        args=()
-        read -r -d '' -a words <<<"$VARIANTS" || true
-        for v in "${words[@]}"; do
-            args+=(--variant "$v")
-        done
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
             timeout 595 python3 benchmarks/gpu_runs.py --data "$DATA" --out "$OUT" --pack --finish \
@@ -109,11 +109,6 @@ case "$STEP" in
         log=runs.log
         ;;
     sweep)
-        args=()
-        read -r -d '' -a words <<<"$VARIANTS" || true
-        for v in "${words[@]}"; do
-            args+=(--variant "$v")
-        done
         {
             nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
             timeout 590 python3 benchmarks/gpu_sweep.py --data "$DATA" --out "$OUT" \
