@@ -137,8 +137,10 @@ def push(
 ) -> None:
     """Upload an exported model folder to the Hugging Face Hub as one commit.
 
-    Prints the commit sha and the registry entry (revision and sha256 of every file) to
-    paste into carlzoo/registry.py.
+    The commit makes the branch mirror the folder: files the branch holds that the folder
+    lacks are removed (and listed; they stay in the branch's history). Prints the commit
+    sha and the registry entry (revision and sha256 of every file) to paste into
+    carlzoo/registry.py.
 
     \b
     carlzoo push models/carl-cifar10 --repo-id carlzoo/carl-cifar10
@@ -149,7 +151,17 @@ def push(
         res = push_model(model_dir, repo_id, revision=revision, private=private, token=token)
     except PushError as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"pushed {model_dir} to {res.repo_id}@{res.revision}: commit {res.commit_sha}")
+    # With --json, stdout holds the entry alone.
+    click.echo(
+        f"pushed {model_dir} to {res.repo_id}@{res.revision}: commit {res.commit_sha}",
+        err=as_json,
+    )
+    if res.deleted:
+        click.echo(
+            f"removed from {res.repo_id}@{res.revision} (not in {model_dir}; still in the "
+            f"branch's history): {', '.join(res.deleted)}",
+            err=True,
+        )
     entry = registry_entry(res, model_dir, name)
     if as_json:
         click.echo(json.dumps(entry, indent=2))

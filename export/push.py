@@ -62,6 +62,7 @@ class PushResult:
     commit_sha: str  # the commit the registry pins
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     commit_url: str = ""
+    deleted: tuple[str, ...] = ()  # files the branch held that the commit removed
 
 
 def _one_line(err: BaseException) -> str:
@@ -280,11 +281,12 @@ def push_model(
     try:
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
+        before = _branch_files(api, repo_id, branch)
         info = api.upload_folder(
             repo_id=repo_id,
             folder_path=model_dir,
             revision=branch,
-            commit_message=commit_message or f"Upload {model_dir.name} with carlzoo",
+            commit_message=commit_message or f"Upload {model_dir.resolve().name} with carlzoo",
             allow_patterns=names,  # never a file that appeared after the checks (a .env)
             delete_patterns="*",
         )
@@ -320,7 +322,19 @@ def push_model(
         commit_sha=sha,
         files=files,
         commit_url=str(getattr(info, "commit_url", "")),
+        deleted=tuple(sorted(before - set(files) - {".gitattributes"})),
     )
+
+
+def _branch_files(api: Any, repo_id: str, branch: str) -> set[str]:
+    """The files on ``branch`` (none on a new repository's empty main)."""
+    from huggingface_hub.utils import EntryNotFoundError, RevisionNotFoundError
+
+    try:
+        tree = api.list_repo_tree(repo_id, revision=branch, recursive=True)
+        return {f.path for f in tree if hasattr(f, "blob_id")}
+    except (RevisionNotFoundError, EntryNotFoundError):
+        return set()
 
 
 def registry_entry(

@@ -814,6 +814,13 @@ def test_push_refuses_a_broken_config_before_any_request(
 # ---- publish and load back ---------------------------------------------------------------
 
 
+def _separate_stderr() -> dict:
+    """CliRunner's arguments for stdout without stderr (click < 8.2 mixes them by default)."""
+    import inspect
+
+    return {"mix_stderr": False} if "mix_stderr" in inspect.signature(CliRunner).parameters else {}
+
+
 def _push(folder: Path, repo_id: str, *extra: str) -> tuple[str, dict]:
     result = _cli(push, [str(folder), "--repo-id", repo_id, "--token", "hf_test", *extra])
     assert result.exit_code == 0, result.output
@@ -890,8 +897,18 @@ def test_push_to_a_branch_mirrors_the_folder(
     shutil.copytree(exported.out_dir, folder)
     main_sha, _ = _push(folder, repo_id, "--json")
     export_model(run_dir, folder, onnx=False, overwrite=True, name="carl-tiny")  # no model.onnx
-    dev_sha, entry = _push(folder, repo_id, "--revision", "dev", "--json")
-    assert dev_sha != main_sha and entry["revision"] == dev_sha
+    # --json: stdout is the entry alone; what else is said goes to stderr, the removed
+    # model.onnx of the branch (made from main) among it.
+    runner = CliRunner(**_separate_stderr())
+    args = [str(folder), "--repo-id", repo_id, "--token", "t", "--revision", "dev", "--json"]
+    result = runner.invoke(push, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    entry = json.loads(result.stdout)
+    dev_sha = entry["revision"]
+    assert f"commit {dev_sha}" in result.stderr
+    assert f"removed from {repo_id}@dev (not in {folder}; still in the branch's history): " \
+        "model.onnx" in result.stderr
+    assert dev_sha != main_sha
     assert local_hub.head(repo_id, "dev") == dev_sha and local_hub.head(repo_id) == main_sha
     assert "model.onnx" not in local_hub.list_files(repo_id, "dev")
     assert "model.onnx" in local_hub.list_files(repo_id, "main")

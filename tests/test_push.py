@@ -255,3 +255,11 @@ def test_a_complete_folder_is_still_published(folder: Path, local_hub: LocalHub)
     assert set(local_hub.list_files(repo_id)) == MODEL_FILES | {".gitattributes"}
     for name in MODEL_FILES:
         assert local_hub.read_file(repo_id, name) == (folder / name).read_bytes()
+
+
+def test_the_commit_names_the_folder_also_when_it_is_given_as_dot(
+    folder: Path, local_hub: LocalHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(folder)
+    sha = _pushed(Path("."), "test/dot")
+    assert local_hub._revision("model", "test/dot", sha).title == "Upload carl-tiny with carlzoo"
