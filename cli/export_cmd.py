@@ -33,7 +33,11 @@ import click
     show_default=True,
     help="Weights dtype (float16 keeps BN statistics float32).",
 )
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace --out if it exists (a model folder: nothing but the files an export writes).",
+)
 @click.option("--name", default=None, help="Model name (default: the --out folder's name).")
 def export(
     source: str,

@@ -12,7 +12,10 @@ and writes a folder that :func:`carlzoo.pretrained.from_pretrained` loads::
 
 Everything is written into a temporary folder next to ``out_dir`` and renamed into place at
 the end, so a failed export (bad checkpoint, ONNX parity failure, ...) leaves nothing
-behind, and an existing ``out_dir`` is replaced only with ``overwrite=True``. The temporary
+behind (nor the missing folders above ``out_dir`` it made), and an existing ``out_dir`` is
+replaced only with ``overwrite=True`` and only when it holds nothing but the files an export
+writes (a folder of other files given by mistake is refused). Non-finite numbers in the
+published JSON (a probe's NaN) are written as null. The temporary
 folders of exports to the same name that were killed (their process no longer runs on this
 host) are removed when the next export starts. ``out_dir`` may not be the source run, the
 checkpoint's folder, a folder holding either, or the current folder or one of its parents.
@@ -565,8 +568,20 @@ def check_parity(
 # ---- export ------------------------------------------------------------------------------
 
 
+def _json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (a probe's NaN, say) as None: JSON has no NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    text = json.dumps(_json_safe(obj), indent=2, allow_nan=False)
+    path.write_text(text + "\n", encoding="utf-8")
 
 
 @torch.inference_mode()
@@ -624,6 +639,8 @@ def export_model(
             f"--out {given_out} already exists; pass --overwrite to replace it or "
             "choose another folder"
         )
+    if out_dir.exists():
+        _check_replaceable(given_out, out_dir)
     parent = existing_ancestor(out_dir.parent)  # missing folders above --out are made
     if not parent.is_dir():
         raise ExportError(
@@ -690,9 +707,11 @@ def export_model(
         metrics=metrics,
     )
 
+    made = [d for d in (out_dir.parent, *out_dir.parent.parents) if not d.exists()]
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        _remove_empty(made)
         raise ExportError(
             f"--out {given_out}: cannot create {out_dir.parent} ({e.strerror or e}); choose "
             "another path"
@@ -799,9 +818,34 @@ def export_model(
         (folder / "README.md").write_text(render_model_card(ctx), encoding="utf-8")
         hashes = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
         _replace_dir(folder, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(made)  # the folders above --out this export made: nothing is left
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return ExportResult(given_out, hashes, metrics, parity, roundtrip, tuple(warnings))
+
+
+def _check_replaceable(given: Path, out_dir: Path) -> None:
+    """Refuse to replace an ``out_dir`` that holds more than an exported model folder does
+    (``--overwrite`` must not delete a folder of other files given by mistake)."""
+    other = sorted(p.name for p in out_dir.iterdir() if p.name not in _FILES)
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise ExportError(
+            f"--out {given} holds {shown}, which no model export writes; --overwrite replaces "
+            "only a model folder: choose another folder, or move those out first"
+        )
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (deepest first) that are still empty."""
+    for d in folders:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def _check_not_current_folder(given: Path, out_dir: Path) -> None:

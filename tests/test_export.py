@@ -164,6 +164,21 @@ def test_eval_json_metrics_reach_config_and_model_index(run_dir: Path, tmp_path:
     assert re.search(r"kNN top-1 accuracy \| .* \| not measured", card)
 
 
+def test_a_probe_result_with_nan_is_published_without_it(run_dir: Path, tmp_path: Path) -> None:
+    """`carlzoo probe` may write NaN (JSON that Python reads): export publishes the finite
+    numbers and null for the others rather than failing on JSON that has no NaN."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    probe = {"protocol": "knn", "dataset": "npz", "top1": 12.5, "top5": float("nan"),
+             "extra": {"loss": float("inf")}, **_measured_on(run)}  # fmt: skip
+    (run / "eval.json").write_text(json.dumps(probe))  # NaN / Infinity, as json.dumps writes
+    res = export_model(run, tmp_path / "m", onnx=False)
+    assert res.metrics == {"knn_top1": 12.5}
+    published = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    (ev,) = published["evaluations"]
+    assert ev["top1"] == 12.5 and ev["top5"] is None and ev["extra"]["loss"] is None
+
+
 def test_published_results_name_no_local_paths(run_dir: Path, tmp_path: Path) -> None:
     from carlzoo.training.evaluate import run_probe
 
@@ -606,16 +621,27 @@ def test_export_of_corrupt_checkpoint_is_refused(run_dir: Path, tmp_path: Path) 
     assert not (tmp_path / "m").exists() and _no_leftovers(tmp_path) == []
 
 
-def test_existing_output_needs_overwrite(run_dir: Path, tmp_path: Path) -> None:
+def test_existing_output_needs_overwrite_which_replaces_only_a_model_folder(
+    run_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "m"
-    out.mkdir()
+    (out / "photos").mkdir(parents=True)
     (out / "keep.txt").write_text("mine")
     msg = cli_error(_cli(export, [str(run_dir), "--out", str(out), "--no-onnx"]))
     assert "already exists" in msg and "--overwrite" in msg
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    result = _cli(export, [str(run_dir), "--out", str(out), "--no-onnx", "--overwrite"])
-    assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == MODEL_FILES - {"model.onnx"}
+    # A folder of other files, given by mistake, is not deleted by --overwrite.
+    msg = cli_error(_cli(export, [str(run_dir), "--out", str(out), "--no-onnx", "--overwrite"]))
+    assert msg == (
+        f"Error: --out {out} holds keep.txt, photos, which no model export writes; "
+        "--overwrite replaces only a model folder: choose another folder, or move those out first"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "photos"]
+    (out / "keep.txt").unlink()
+    (out / "photos").rmdir()
+    for _ in range(2):  # an empty folder, then the model folder it became
+        result = _cli(export, [str(run_dir), "--out", str(out), "--no-onnx", "--overwrite"])
+        assert result.exit_code == 0, result.output
+        assert {p.name for p in out.iterdir()} == MODEL_FILES - {"model.onnx"}
     assert "measured metrics: none" in result.output
     assert _no_leftovers(tmp_path) == []
 
@@ -685,7 +711,9 @@ def test_float16_overflow_is_an_error(run_dir: Path, tmp_path: Path) -> None:
     save_checkpoint(source, dataclasses.replace(ckpt, model=weights))
     out = tmp_path / "out"
     out.mkdir()
-    args = [str(source), "--out", str(out / "m"), "--dtype", "float16", "--no-onnx"]
+    # --out under folders that do not exist yet: the failed export does not leave them.
+    args = [str(source), "--out", str(out / "new1" / "new2" / "m"), "--dtype", "float16",
+            "--no-onnx"]  # fmt: skip
     msg = cli_error(_cli(export, args))
     assert msg.startswith("Error: --dtype float16: the exported weights give non-finite")
     assert "backbone.bn1.bias" in msg and "--dtype float32" in msg
