@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["parse_device", "missing_cuda"]
+__all__ = ["parse_device", "missing_cuda", "missing_device"]
 
 
 def parse_device(
@@ -31,4 +31,21 @@ def missing_cuda(device: torch.device) -> str | None:
     if device.index is not None and device.index >= n:
         names = "cuda:0" if n == 1 else f"cuda:0 to cuda:{n - 1}"
         return f"this machine has {n} CUDA device{'s' if n != 1 else ''} ({names})"
+    return None
+
+
+def missing_device(device: torch.device) -> str | None:
+    """Why ``device`` cannot be used on this machine, as a phrase for an error message; None
+    when it can. CUDA as :func:`missing_cuda` says; any other type but the CPU is tried with
+    one small computation (``mps`` on a Mac passes, on Linux it does not)."""
+    if device.type == "cuda":
+        return missing_cuda(device)
+    if device.type == "cpu":
+        return None
+    if device.type == "meta":
+        return "meta tensors hold no data, so nothing can be computed on them"
+    try:
+        (torch.ones(2, device=device) + 1).sum().item()
+    except Exception as e:  # NotImplementedError, AssertionError, RuntimeError, ImportError
+        return f"this torch cannot compute on {device.type} ({type(e).__name__})"
     return None

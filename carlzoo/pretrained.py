@@ -53,7 +53,7 @@ from PIL import Image
 from torch import Tensor
 
 from carlzoo import registry
-from carlzoo.devices import missing_cuda, parse_device
+from carlzoo.devices import missing_device, parse_device
 from carlzoo.images import ImageTransform, read_image
 from carlzoo.model import CARLModel, ModelConfig
 from carlzoo.outputs import _umask, atomic_write_safetensors, atomic_write_text
@@ -474,7 +474,7 @@ def _resolve_device(device: Any) -> torch.device:
         dev = parse_device("cpu" if device is None else device)
     except ValueError as e:
         raise ZooError(str(e)) from None
-    why = missing_cuda(dev)
+    why = missing_device(dev)
     if why is not None:
         also = "one of them or " if torch.cuda.is_available() else ""
         raise ZooError(f"device={str(device)!r} requested but {why}; use {also}device='cpu'")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,20 @@ def _check_out(out_path: str) -> None:
         raise click.BadParameter(str(e), param_hint="'--out'") from None
 
 
+def _check_cache(cache_dir: str) -> None:
+    """Refuse a --cache folder that cannot be made or written before the features are
+    computed (the cache is written after them)."""
+    from carlzoo.outputs import OutputError, check_writable, existing_ancestor
+
+    folder = existing_ancestor(Path(cache_dir))
+    if not folder.is_dir():
+        raise click.BadParameter(f"{folder} is a file, not a folder", param_hint="'--cache'")
+    try:
+        check_writable(folder / Path(cache_dir).name)
+    except OutputError as e:
+        raise click.BadParameter(str(e), param_hint="'--cache'") from None
+
+
 @click.command()
 @click.option("--model", "model_spec", required=True, metavar="NAME_OR_DIR_OR_RUN",
               help="Run folder or checkpoint from `carlzoo train`, or anything carlzoo.load "
@@ -70,7 +85,7 @@ def _check_out(out_path: str) -> None:
               help="Feature extraction and fine-tuning batch size.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None,
               help="Fine-tuning epochs (semi1 60, semi10 30, finetune 30 by default).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, 2**63 - 2), default=0, show_default=True,
               help="Seed of the labelled subset, of fine-tuning and of --weight-decay auto's "
                    "held-out split.")
 @click.option("--layer", type=click.Choice(["backbone", "projection"]), default="backbone",
@@ -101,8 +116,12 @@ def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path
     """
     if weight_decay is not None and protocol != "linear":
         raise click.UsageError(f"--weight-decay is for --protocol linear, not {protocol}")
+    if not math.isfinite(t):
+        raise click.BadParameter(f"{t} is not a finite number > 0", param_hint="'--t'")
     if out_path is not None:
         _check_out(out_path)
+    if cache_dir is not None:
+        _check_cache(cache_dir)
     from carlzoo.training import evaluate
     from carlzoo.training.checkpoint import CheckpointError
     from carlzoo.training.datasets import DatasetError

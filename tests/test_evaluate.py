@@ -635,6 +635,55 @@ def test_out_that_cannot_be_written_is_refused_before_the_probe(tmp_path):
     assert f"Invalid value for '--out': {blocker} is a file, not a folder" in res.output
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [(["--t", "nan"], "Invalid value for '--t': nan is not a finite number > 0"),
+     (["--t", "inf"], "Invalid value for '--t': inf is not a finite number > 0"),
+     (["--seed", "-1"], "Invalid value for '--seed': -1 is not in the range"),
+     (["--seed", str(2**64 - 1)], "Invalid value for '--seed': 18446744073709551615 is not in"),
+     (["--cache", "{file}/feats"], "Invalid value for '--cache': {file} is a file, not a folder"),
+     (["--cache", "/proc/feats"], "Invalid value for '--cache': output '/proc/feats': cannot "
+      "create a file in '/proc'")],
+)  # fmt: skip
+def test_bad_probe_options_are_refused_by_name_before_the_probe(tmp_path, option, message):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    option = [o.replace("{file}", str(blocker)) for o in option]
+    if option[-1].startswith("/proc") and not Path("/proc").is_dir():
+        pytest.skip("no /proc here")
+    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
+                                     "--data-root", str(tmp_path), "--protocol", "knn", *option])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert message.replace("{file}", str(blocker)) in res.output, res.output
+
+
+@pytest.mark.parametrize(("device", "why"), [
+    ("meta", "meta tensors hold no data, so nothing can be computed on them"),
+    ("xpu", "this torch cannot compute on xpu"),
+])  # fmt: skip
+def test_a_device_this_torch_cannot_compute_on_is_one_line_before_any_work(tmp_path, device, why):
+    if device == "xpu" and torch.xpu.is_available():
+        pytest.skip("this machine has an XPU")
+    res = CliRunner().invoke(probe, ["--model", str(tmp_path / "never-read"), "--dataset", "npz",
+                                     "--data-root", str(tmp_path), "--protocol", "knn",
+                                     "--device", device])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.strip().splitlines()[-1].startswith(
+        f"Error: device='{device}' asked for, but {why}"
+    )
+
+
+def test_knn_refuses_a_temperature_or_k_it_cannot_vote_with():
+    from carlzoo.training.knn import knn_scores
+
+    x, y = torch.randn(8, 4), torch.arange(8) % 2
+    for t in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match=r"the kNN temperature must be a finite number > 0"):
+            knn_scores(x, y, x, k=3, t=t)
+    with pytest.raises(ValueError, match=r"the kNN neighbour count must be an integer >= 1"):
+        knn_scores(x, y, x, k=0)
+
+
 def test_an_empty_split_is_named(tmp_path):
     data = tmp_path / "empty.npz"
     x = np.zeros((0, 16, 16, 3), np.uint8)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from carlzoo.devices import missing_cuda, parse_device
+from carlzoo.devices import missing_device, parse_device
 
 __all__ = [
     "is_distributed",
@@ -99,7 +99,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
             return torch.device("cuda", local_rank())
         return torch.device("cpu")
     resolved = parse_device(name, hint=DEVICE_HINT)
-    why = missing_cuda(resolved)
+    why = missing_device(resolved)
     if why is not None:
         raise ValueError(
             f"device={name!r} asked for, but {why}; use the CPU (--set device=cpu when "

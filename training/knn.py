@@ -7,6 +7,9 @@ samples (k is clipped).
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,6 +44,10 @@ def knn_scores(
         )
     if train_features.shape[0] == 0:
         raise ValueError("kNN needs at least one training sample")
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < t < math.inf:
+        raise ValueError(f"t={t!r}: the kNN temperature must be a finite number > 0")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"k={k!r}: the kNN neighbour count must be an integer >= 1")
     if train_features.shape[1] != test_features.shape[1]:
         raise ValueError(
             f"train features have dim {train_features.shape[1]}, test features "
