@@ -535,10 +535,14 @@ def test_cross_domain_probe_of_a_model_folder(tiny_run, tmp_path):
 
 def test_cross_domain_of_a_generic_loader_compares_the_data_paths(tiny_run, tmp_path):
     run, data = tiny_run  # trained with --dataset npz on `data`
-    other = _npz(tmp_path / "other.npz", 16)
+    other = _npz(tmp_path / "other.npz", 16, n_train=40)  # other images
     same = evaluate.run_probe(run, "npz", data, "knn", k=5, device="cpu")
     moved = evaluate.run_probe(run, "npz", other, "knn", k=5, device="cpu")
     assert same["cross_domain"] is False and moved["cross_domain"] is True
+    copy = tmp_path / "copy.npz"  # the same bytes at another path: the same data
+    copy.write_bytes(Path(data).read_bytes())
+    pm_run = evaluate.load_probe_model(run)
+    assert evaluate._cross_domain(pm_run, "npz", copy) is False
     pm = evaluate.ProbeModel(build_model(TINY), 16, (0.5,) * 3, (0.5,) * 3, "tiny", "pretrained")
     assert evaluate.run_probe(pm, "npz", data, "knn", k=5)["cross_domain"] is None  # unknown
 

@@ -710,7 +710,8 @@ def _check_size(pm: ProbeModel, dataset: str, data: Any) -> np.ndarray:
 def _cross_domain(pm: ProbeModel, dataset: str, data_root: str | Path) -> bool | None:
     """Whether the probe data differ from the training data; None when that is unknown.
 
-    Generic loaders (npz, imagefolder, folder) are the same dataset only at the same path;
+    Generic loaders (npz, imagefolder, folder) are the same dataset only at the same path,
+    or in a file of the same bytes;
     a run's relative ``data.root`` (recorded before runs recorded absolute ones) names a path
     from a folder that is not known, so it answers None. A generic loader on one side only
     answers None too: an .npz may hold CIFAR-10 itself.
@@ -725,8 +726,19 @@ def _cross_domain(pm: ProbeModel, dataset: str, data_root: str | Path) -> bool |
             return None
         if not Path(pm.train_data_root).expanduser().is_absolute():
             return None
-        return Path(pm.train_data_root).resolve() != Path(data_root).resolve()
+        trained, probed = Path(pm.train_data_root).resolve(), Path(data_root).resolve()
+        if trained == probed:
+            return False
+        if trained.is_file() and probed.is_file():  # a copy of the .npz is the same data
+            return not _same_bytes(trained, probed)
+        return True
     return False
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    from carlzoo.registry import sha256_file
+
+    return a.stat().st_size == b.stat().st_size and sha256_file(a) == sha256_file(b)
 
 
 def run_probe(model: str | Path | ProbeModel, dataset: str, data_root: str | Path,
