@@ -41,33 +41,19 @@ def _table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def _check_out(out_path: str) -> None:
-    """Refuse an --out that cannot be written before the probe runs (it may take hours)."""
-    folder = Path(out_path).parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent  # write_json creates the missing folders
-    if not folder.is_dir():
-        raise click.BadParameter(f"{folder} is a file, not a folder", param_hint="'--out'")
-    from carlzoo.outputs import OutputError, check_writable
-
-    try:
-        check_writable(folder / Path(out_path).name)
-    except OutputError as e:
-        raise click.BadParameter(str(e), param_hint="'--out'") from None
-
-
-def _check_cache(cache_dir: str) -> None:
-    """Refuse a --cache folder that cannot be made or written before the features are
-    computed (the cache is written after them)."""
+def _check_writable(folder: Path, name: str, option: str) -> None:
+    """Refuse an ``option`` whose output ``name`` cannot be made in ``folder`` (or in the
+    nearest of its parents that exists: the missing ones are made) before the probe runs,
+    which may take hours."""
     from carlzoo.outputs import OutputError, check_writable, existing_ancestor
 
-    folder = existing_ancestor(Path(cache_dir))
+    folder = existing_ancestor(folder)
     if not folder.is_dir():
-        raise click.BadParameter(f"{folder} is a file, not a folder", param_hint="'--cache'")
+        raise click.BadParameter(f"{folder} is a file, not a folder", param_hint=f"'{option}'")
     try:
-        check_writable(folder / Path(cache_dir).name)
+        check_writable(folder / name)
     except OutputError as e:
-        raise click.BadParameter(str(e), param_hint="'--cache'") from None
+        raise click.BadParameter(str(e), param_hint=f"'{option}'") from None
 
 
 @click.command()
@@ -118,10 +104,10 @@ def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path
         raise click.UsageError(f"--weight-decay is for --protocol linear, not {protocol}")
     if not math.isfinite(t):
         raise click.BadParameter(f"{t} is not a finite number > 0", param_hint="'--t'")
-    if out_path is not None:
-        _check_out(out_path)
-    if cache_dir is not None:
-        _check_cache(cache_dir)
+    if out_path is not None:  # write_json makes the missing folders
+        _check_writable(Path(out_path).parent, Path(out_path).name, "--out")
+    if cache_dir is not None:  # the cache is written after the features are computed
+        _check_writable(Path(cache_dir), Path(cache_dir).name, "--cache")
     from carlzoo.training import evaluate
     from carlzoo.training.checkpoint import CheckpointError
     from carlzoo.training.datasets import DatasetError
