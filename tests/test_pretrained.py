@@ -964,16 +964,26 @@ def _no_lfs_repo(local_hub: object, repo_id: str, files: dict[str, bytes]) -> st
         return local_hub.add_repo_files(repo_id, files)
 
 
+def _cached_git_file(
+    local_hub, folder: Path, repo_id: str, name: str, tmp_path: Path
+) -> tuple[str, str, Path, Path]:
+    """``folder`` pushed to ``repo_id`` as plain git files and loaded once by its Hub spec:
+    (commit sha, spec, cache folder, the cached blob of ``name``)."""
+    sha = _no_lfs_repo(local_hub, repo_id, _folder_files(folder))
+    assert not local_hub.is_lfs(repo_id, name)
+    spec, cache = f"hf-hub:{repo_id}@{sha}", tmp_path / "cache"
+    load(spec, cache_dir=cache)
+    [link] = list(cache.rglob(f"snapshots/*/{name}"))
+    return sha, spec, cache, link.resolve()
+
+
 def test_undecodable_weights_of_a_hub_spec_are_downloaded_again(
     local_hub, folder: Path, loaded: PretrainedCARL, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sha = _no_lfs_repo(local_hub, "test/tiny-no-lfs", _folder_files(folder))
-    assert not local_hub.is_lfs("test/tiny-no-lfs", "model.safetensors")
-    spec, cache = f"hf-hub:test/tiny-no-lfs@{sha}", tmp_path / "cache"
-    load(spec, cache_dir=cache)
-    [link] = list(cache.rglob("snapshots/*/model.safetensors"))
-    blob = link.resolve()
+    sha, spec, cache, blob = _cached_git_file(
+        local_hub, folder, "test/tiny-no-lfs", "model.safetensors", tmp_path
+    )
     good = blob.read_bytes()
     blob.write_bytes(good[: len(good) // 2])
     x = torch.randn(2, 3, SIZE, SIZE)
@@ -992,12 +1002,9 @@ def test_corrupt_cached_config_of_a_hub_spec_is_downloaded_again(
     local_hub, folder: Path, loaded: PretrainedCARL, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sha = _no_lfs_repo(local_hub, "test/tiny-bad-config", _folder_files(folder))
-    assert not local_hub.is_lfs("test/tiny-bad-config", "config.json")
-    spec, cache = f"hf-hub:test/tiny-bad-config@{sha}", tmp_path / "cache"
-    load(spec, cache_dir=cache)
-    [link] = list(cache.rglob("snapshots/*/config.json"))
-    blob = link.resolve()
+    sha, spec, cache, blob = _cached_git_file(
+        local_hub, folder, "test/tiny-bad-config", "config.json", tmp_path
+    )
     good = blob.read_bytes()
     x = torch.randn(2, 3, SIZE, SIZE)
     blob.write_bytes(b'{"trunc')  # damaged: not JSON text
