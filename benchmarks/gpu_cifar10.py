@@ -153,6 +153,12 @@ def portable_command(argv: list[str]) -> str:
     return " ".join(words)
 
 
+def run_overrides(data: str | Path, sets: list[str], epochs: int | None) -> list[str]:
+    """The recipe changes a run of this script trains with: the data, ``--set``, ``--epochs``."""
+    own = [f"data.root={Path(data).resolve()}", "data.dataset=cifar10", *sets]
+    return [*own, f"epochs={epochs}"] if epochs is not None else own
+
+
 def config_label(config: str | Path) -> str:
     """``--config`` as recorded: a preset name as given, a file relative to the repository
     (else its name). A name without a suffix that is no file is a preset, as load_config
@@ -552,11 +558,8 @@ def main() -> None:
             "empty it"
         )
     t_start = time.perf_counter()
-    overrides = [f"data.root={Path(args.data).resolve()}", "data.dataset=cifar10", *args.overrides]
-    if args.epochs is not None:
-        overrides.append(f"epochs={args.epochs}")
     try:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, run_overrides(args.data, args.overrides, args.epochs))
     except ConfigError as e:
         p.error(str(e))
     try:  # decoded once, before OUT exists: a bad file leaves nothing behind

@@ -48,11 +48,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_cifar10 import EVAL_RESERVE, config_label, portable_command  # noqa: E402  (beside)
+from gpu_cifar10 import (  # noqa: E402  (scripts beside this one)
+    EVAL_RESERVE,
+    config_label,
+    portable_command,
+    run_overrides,
+)
 from gpu_sweep import parse_variant  # noqa: E402
 
 from carlzoo.outputs import atomic_write_text  # noqa: E402
 from carlzoo.training.config import load_config  # noqa: E402
+from carlzoo.training.run import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_SCRIPT = Path(__file__).resolve().parent / "gpu_cifar10.py"
@@ -78,13 +84,6 @@ def child_command(args: argparse.Namespace, changes: list[str], out: Path, limit
     for kv in [*args.overrides, *changes]:
         cmd += ["--set", kv]
     return cmd
-
-
-def variant_overrides(args: argparse.Namespace, changes: list[str]) -> list[str]:
-    """The overrides gpu_cifar10.py builds for a variant, in its order."""
-    own = [f"data.root={Path(args.data).resolve()}", "data.dataset=cifar10"]
-    epochs = [f"epochs={args.epochs}"] if args.epochs is not None else []
-    return [*own, *args.overrides, *changes, *epochs]
 
 
 def weights_kept(rows: list[dict[str, Any]], shards: dict[str, int]) -> set[str]:
@@ -139,15 +138,6 @@ def to_stop(
     return late[-1] if len(late) >= 2 else None
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """A run's metrics.jsonl as far as it is written (copied whole after each epoch)."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def pack(run: Path) -> None:
     """run's small files into run/run.tar (written beside, then renamed), then removed."""
     present = [run / n for n in SMALL_FILES if (run / n).is_file()]
@@ -171,7 +161,7 @@ def result_row(name: str, changes: list[str], run: Path, code: int, wall: float)
         row["error"] = last
         return row
     m = json.loads(metrics_file.read_text())
-    records = read_records(run / "metrics.jsonl")
+    records = read_metrics(run / "metrics.jsonl")
     paced = [r for r in records if r["epoch"] > 1] or records  # epoch 1 loads and warms up
     rates = [r["images_per_s"] for r in paced if "images_per_s" in r]
     row.update(
@@ -254,7 +244,10 @@ def main() -> int:
     planned: dict[str, int] = {}
     for name, changes in args.variants:  # every config valid before any process starts
         try:
-            planned[name] = load_config(args.config, variant_overrides(args, changes)).epochs
+            sets = [*args.overrides, *changes]
+            planned[name] = load_config(
+                args.config, run_overrides(args.data, sets, args.epochs)
+            ).epochs
         except ValueError as e:
             p.error(f"--variant {name}: {e}")
     if not Path(args.data).is_file():
@@ -306,7 +299,7 @@ def main() -> int:
                     proc.kill()
         running = [n for n in procs if n not in codes and n not in stopped]
         if args.finish and not signals and len(running) > 1:
-            progress = {n: (read_records(out / n / "metrics.jsonl"), planned[n]) for n in running}
+            progress = {n: (read_metrics(out / n / "metrics.jsonl"), planned[n]) for n in running}
             elapsed = time.perf_counter() - t_start
             victim = to_stop(progress, elapsed, args.time_limit, reserve, since)
             if victim is not None and procs[victim].poll() is None:
@@ -343,9 +336,7 @@ def main() -> int:
             out.rmdir()
         p.error(f"every run refused to start; {names[0]}'s says: {why}")
 
-    rows = [
-        result_row(n, c, out / n, codes[n], walls[n]) for n, c in args.variants if n in procs
-    ]
+    rows = [result_row(n, c, out / n, codes[n], walls[n]) for n, c in args.variants if n in procs]
     for row in rows:
         if row["name"] in stopped:
             row.pop("error", None)  # the log's last line: the signal, not the reason
