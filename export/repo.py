@@ -722,6 +722,7 @@ def export_model(
     )
     folder = staging / out_dir.name
     random_x = parity_inputs(size)
+    done = False
     try:
         staging.mkdir()
         save_pretrained(model, folder, zoo_cfg, dtype=dtype)
@@ -818,12 +819,11 @@ def export_model(
         (folder / "README.md").write_text(render_model_card(ctx), encoding="utf-8")
         hashes = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
         _replace_dir(folder, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        _remove_empty(made)  # the folders above --out this export made: nothing is left
-        raise
+        done = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not done:  # nor the folders above --out this export made
+            _remove_empty(made)
     return ExportResult(given_out, hashes, metrics, parity, roundtrip, tuple(warnings))
 
 
