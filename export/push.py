@@ -291,11 +291,7 @@ def push_model(
             delete_patterns="*",
         )
         sha = info.oid
-        remote = {
-            f.path: f
-            for f in api.list_repo_tree(repo_id, revision=sha, recursive=True)
-            if hasattr(f, "blob_id")
-        }
+        remote = _tree(api, repo_id, sha)
     except Exception as e:  # network and Hub errors alike: one line, no traceback
         raise PushError(
             f"push of {model_dir} to {repo_id}@{branch} failed: {_one_line(e)}"
@@ -326,13 +322,18 @@ def push_model(
     )
 
 
+def _tree(api: Any, repo_id: str, revision: str) -> dict[str, Any]:
+    """The files of ``revision`` by path (folders left out)."""
+    tree = api.list_repo_tree(repo_id, revision=revision, recursive=True)
+    return {f.path: f for f in tree if hasattr(f, "blob_id")}
+
+
 def _branch_files(api: Any, repo_id: str, branch: str) -> set[str]:
     """The files on ``branch`` (none on a new repository's empty main)."""
     from huggingface_hub.utils import EntryNotFoundError, RevisionNotFoundError
 
     try:
-        tree = api.list_repo_tree(repo_id, revision=branch, recursive=True)
-        return {f.path for f in tree if hasattr(f, "blob_id")}
+        return set(_tree(api, repo_id, branch))
     except (RevisionNotFoundError, EntryNotFoundError):
         return set()
 
