@@ -140,6 +140,7 @@ def run_variant(
         "knn_curve": curve,
         "prototypes_used": last["prototypes_used"],
         "effective_prototypes": last["effective_prototypes"],
+        "assignment_information": last["assignment_information"],
         "final_loss": last["loss"],
         "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
         "seconds": time.perf_counter() - guard.t0,
@@ -153,8 +154,9 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         + (f" with {', '.join(header['overrides'])}" if header["overrides"] else "")
         + f"; {header['hardware']}; data {header['data']}.",
         "",
-        "| variant | changes | epochs | kNN top-1 (final) | best kNN | prototypes used | s |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | changes | epochs | kNN top-1 (final) | best kNN | prototypes used "
+        "| information (nats) | s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         knn = "-" if r.get("knn_top1") is None else f"{r['knn_top1']:.2f}"
@@ -163,9 +165,11 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
             knn, best = f"failed: {r['error']}", "-"
         epochs = f"{r.get('epochs', 0)}/{r.get('epochs_planned', header['epochs'])}"
         changes = ", ".join(f"`{c}`" for c in r["changes"]) or "(recipe)"
+        info = r.get("assignment_information")
+        info = "-" if info is None else f"{info:.2f}"
         lines.append(
             f"| {r['name']} | {changes} | {epochs} | {knn} | {best} | "
-            f"{r.get('prototypes_used', '-')} | {r.get('seconds', 0):.0f} |"
+            f"{r.get('prototypes_used', '-')} | {info} | {r.get('seconds', 0):.0f} |"
         )
     return "\n".join(lines)
 

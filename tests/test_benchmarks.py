@@ -2,6 +2,7 @@
 
 import ast
 import json
+import math
 import os
 import signal
 import subprocess
@@ -445,8 +446,11 @@ def test_gpu_sweep_compares_variants_records_collapse_and_keeps_to_its_time(tmp_
     assert base["changes"] == [] and k30["changes"] == ["model.num_prototypes=30"]
     assert base["epochs"] == 3 and [e for e, _ in base["knn_curve"]] == [1, 2, 3]
     assert base["stopped_early"] is None and 1 <= k30["prototypes_used"] <= 30
-    assert nokl["error"] == "collapsed" and "collapse_floor" in nokl["message"]
+    info = k30["assignment_information"]
+    assert 0 <= info <= math.log(30)
     assert "| k30 | `model.num_prototypes=30` | 3/3 |" in result.stdout
+    assert f"| {k30['prototypes_used']} | {info:.2f} |" in result.stdout
+    assert nokl["error"] == "collapsed" and "collapse_floor" in nokl["message"]
     assert "| nokl |" in result.stdout and "failed: collapsed" in result.stdout
 
     # A preset by name, from another folder: recorded by the name given. Stopped by its time

@@ -104,6 +104,20 @@ def test_carl_loss_combines_terms_and_is_float32_under_autocast():
     assert terms.total.item() == pytest.approx((expected_c + 2.0 * expected_kl).item(), rel=1e-5)
     assert terms.mean_assignment.shape == (6,)
     assert terms.mean_assignment.sum().item() == pytest.approx(1.0, rel=1e-5)
+    p = torch.cat([pa, pb])
+    expected_h = -(p * p.log()).sum(dim=1).mean()
+    assert terms.entropy.item() == pytest.approx(expected_h.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("scale", "expected"), [(0.0, math.log(6)), (1e3, 0.0)]  # equal logits; one far ahead
+)
+def test_carl_loss_entropy_of_the_assignments(scale, expected):
+    logits = torch.zeros(4, 6)
+    logits[:, 2] = scale
+    terms = CARLLoss()(logits, logits, 1.0)
+    assert terms.entropy.item() == pytest.approx(expected, abs=1e-6)
+    assert not terms.entropy.requires_grad
 
 
 def test_carl_loss_gradient_reaches_both_views():

@@ -1,5 +1,6 @@
 import json
 import logging
+import math
 import os
 import stat
 
@@ -18,7 +19,13 @@ from carlzoo.training.checkpoint import (
 from carlzoo.training.config import load_config
 from carlzoo.training.datasets import DatasetError, load_split
 from carlzoo.training.run import load_run
-from carlzoo.training.train import CollapseError, cosine_schedule, effective_prototypes, train
+from carlzoo.training.train import (
+    CollapseError,
+    _diffuse,
+    cosine_schedule,
+    effective_prototypes,
+    train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +72,20 @@ def test_two_epoch_run_writes_metrics_checkpoints_and_config(tmp_path, tiny_npz)
         "lr",
         "prototypes_used",
         "effective_prototypes",
+        "argmax_effective_prototypes",
+        "assignment_entropy",
+        "assignment_information",
         "images_per_s",
         "knn_top1",
     ):
         assert key in rows[0]
+    for r in rows:  # I(image; prototype) = H(pbar) - mean H(p_i), within [0, H(pbar)]
+        h_mean = math.log(r["effective_prototypes"])
+        assert 0 <= r["assignment_entropy"] <= math.log(10) + 1e-6
+        assert r["assignment_information"] == pytest.approx(
+            max(h_mean - r["assignment_entropy"], 0.0)
+        )
+        assert 1 <= r["argmax_effective_prototypes"] <= r["prototypes_used"] + 1e-6
     assert rows[1]["step"] == 2 * (96 // 32)
     assert rows[0]["kl_weight"] == 4.0 and rows[1]["kl_weight"] < 4.0
     assert 1 <= rows[0]["prototypes_used"] <= 10
@@ -269,6 +286,32 @@ def test_collapse_guard_stops_a_collapsing_run(tmp_path, tiny_npz):
     rows = read_metrics(tmp_path / "run")
     assert rows[-1]["collapsed_epochs"] == 2 and rows[-1]["prototypes_used"] == 1
     assert len(rows) < 6
+
+
+def test_diffuse_assignments_are_warned_of_and_trained_through(tmp_path, tiny_npz, caplog):
+    # 256 prototypes against 64 views per batch: the uniform prior is met by giving every
+    # image nearly the same spread-out assignment (measured on CIFAR-10 too: K=1024 and 2048
+    # at batch 512). The mean assignment stays spread, so only the information it carries
+    # about the image shows it; the run is warned, not stopped.
+    cfg = tiny_config(tiny_npz, "epochs=3", "knn_every=0", "model.num_prototypes=256")
+    with caplog.at_level(logging.WARNING, logger="carlzoo.train"):
+        last = train(cfg, tmp_path / "run", progress=False)
+    assert last["epoch"] == 3 and last["collapsed_epochs"] == 0
+    assert last["effective_prototypes"] > 100 and last["assignment_information"] < math.log(2)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("epoch 3: the assignments tell the images apart by")
+    assert "model.num_prototypes=256, against 64 views per batch" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("effective", "information", "diffuse"),
+    [(100.0, 2.0, False), (1400.0, 0.06, True), (1.0, 0.0, False), (3.0, math.log(2), False)],
+)
+def test_diffuse_means_a_spread_mean_with_little_information(effective, information, diffuse):
+    cfg = load_config(None, [])  # collapse_floor 2
+    record = {"effective_prototypes": effective, "assignment_information": information}
+    assert _diffuse(record, cfg) is diffuse
 
 
 def test_resuming_keeps_the_count_of_collapsed_epochs(tmp_path, tiny_npz):

@@ -51,6 +51,10 @@ def consistency_loss_from_logits(logits_a: Tensor, logits_b: Tensor) -> Tensor:
     """
     log_a = torch.log_softmax(logits_a.float(), dim=1)
     log_b = torch.log_softmax(logits_b.float(), dim=1)
+    return _consistency_from_log(log_a, log_b)
+
+
+def _consistency_from_log(log_a: Tensor, log_b: Tensor) -> Tensor:
     return -torch.logsumexp(log_a + log_b, dim=1).mean()
 
 
@@ -103,6 +107,7 @@ class LossTerms(NamedTuple):
     consistency: Tensor
     uniform_prior: Tensor
     mean_assignment: Tensor  # (K,) detached global mean assignment, for monitoring
+    entropy: Tensor  # detached mean entropy (nats) of the 2B assignments, for monitoring
 
 
 class CARLLoss(nn.Module):
@@ -112,11 +117,13 @@ class CARLLoss(nn.Module):
         # Eq. 3 in float32: a bf16 softmax over K prototypes loses the small probabilities
         # the uniform prior acts on.
         with torch.autocast(device_type=logits_a.device.type, enabled=False):
-            p_a = torch.softmax(logits_a.float(), dim=1)  # (B, K)
-            p_b = torch.softmax(logits_b.float(), dim=1)  # (B, K)
-            l_c = consistency_loss_from_logits(logits_a, logits_b)
-            p = torch.cat([p_a, p_b])  # (2B, K)
+            log_p = torch.log_softmax(torch.cat([logits_a, logits_b]).float(), dim=1)  # (2B, K)
+            log_a, log_b = log_p.chunk(2)
+            l_c = _consistency_from_log(log_a, log_b)
+            p = log_p.exp()
             pbar = mean_assignment(p)
             l_kl = kl_to_uniform(pbar)
             total = l_c + kl_weight * l_kl
-        return LossTerms(total, l_c.detach(), l_kl.detach(), pbar.detach())
+            with torch.no_grad():
+                entropy = -(p * log_p).sum(dim=1).mean()
+        return LossTerms(total, l_c.detach(), l_kl.detach(), pbar.detach(), entropy)

@@ -155,7 +155,8 @@ def describe_hardware(device: torch.device, world: int) -> str:
 
 
 def effective_prototypes(mean_p: Tensor) -> float:
-    """exp(H(pbar)): 1 when every image sits on one prototype, K when use is uniform."""
+    """exp(H) of a distribution over the K prototypes (a mean assignment pbar, or counts,
+    normalised here): 1 when every image sits on one prototype, K when use is uniform."""
     p = mean_p.double().clamp_min(1e-12)
     p = p / p.sum()
     return float(torch.exp(-(p * p.log()).sum()))
@@ -383,6 +384,32 @@ def _collapse_message(eff: float, cfg: TrainConfig, epochs: int) -> str:
     )
 
 
+def _diffuse(record: Mapping[str, Any], cfg: TrainConfig) -> bool:
+    """Whether the assignments tell the images apart by fewer than ``collapse_floor``
+    prototypes, exp(I) with I = H(pbar) - mean H(p_i) the information they carry about the
+    image, while the mean assignment pbar spreads over more: each image then gets nearly the
+    same spread-out assignment. The uniform prior is met, so the collapse guard (on pbar)
+    does not see it, yet the images are told apart no better than in a collapse."""
+    floor = cfg.collapse_floor
+    return (
+        record["effective_prototypes"] >= floor
+        and math.exp(record["assignment_information"]) < floor
+    )
+
+
+def _diffuse_message(record: Mapping[str, Any], cfg: TrainConfig, epochs: int) -> str:
+    return (
+        f"epoch {record['epoch']}: the assignments tell the images apart by "
+        f"{math.exp(record['assignment_information']):.2f} effective prototypes "
+        f"(< collapse_floor {cfg.collapse_floor} for {epochs} epochs; by argmax "
+        f"{record['argmax_effective_prototypes']:.1f}) while their mean spreads over "
+        f"{record['effective_prototypes']:.0f}: every image gets nearly the same diffuse "
+        f"assignment. Training goes on; if it stays so, use fewer prototypes "
+        f"(model.num_prototypes={cfg.model.num_prototypes}, against "
+        f"{2 * cfg.optim.batch_size} views per batch)"
+    )
+
+
 # What a resumed run may change: where and how it runs, what it logs and monitors, how often
 # it saves. Every other setting defines what is trained and must match the checkpoint's.
 RESUME_MAY_CHANGE = frozenset(
@@ -596,6 +623,7 @@ def _train(
         _truncate_metrics(out_dir / "metrics.jsonl", 0)
     # Collapsed epochs in a row, up to the checkpoint: resuming must not reset the count.
     collapsed_epochs = _collapse_streak(out_dir / "metrics.jsonl", start_epoch, cfg, device)
+    diffuse_epochs = 0  # epochs in a row of _diffuse assignments (warned of, not stopped)
 
     train_model: nn.Module = model
     if world > 1:
@@ -618,7 +646,7 @@ def _train(
     for epoch in range(start_epoch, end_epoch):
         train_model.train()
         lam = kl_weight(epoch, cfg.loss.kl_start, cfg.loss.kl_end, cfg.loss.kl_decay_epochs)
-        sums = torch.zeros(3, device=device, dtype=torch.float64)  # total, L_c, L_KL
+        sums = torch.zeros(4, device=device, dtype=torch.float64)  # total, L_c, L_KL, H(p)
         mean_p = torch.zeros(k, device=device, dtype=torch.float64)
         usage = torch.zeros(k, device=device, dtype=torch.float64)
         n_steps = 0
@@ -644,7 +672,7 @@ def _train(
             n_steps += 1
             with torch.no_grad():
                 sums += torch.stack(
-                    [terms.total.detach(), terms.consistency, terms.uniform_prior]
+                    [terms.total.detach(), terms.consistency, terms.uniform_prior, terms.entropy]
                 ).double()
                 mean_p += terms.mean_assignment.double()
                 usage.index_add_(
@@ -671,6 +699,7 @@ def _train(
         usage = dist.all_reduce_sum(usage)
         mean_p = mean_p / max(n_steps, 1)  # already the global mean per step
         eff = effective_prototypes(mean_p)
+        entropy = float(sums[3]) / max(n_steps, 1)
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": step,
@@ -681,6 +710,9 @@ def _train(
             "lr": float(lr_schedule[min(step, total_steps) - 1]),
             "prototypes_used": int((usage > 0).sum()),
             "effective_prototypes": eff,
+            "argmax_effective_prototypes": effective_prototypes(usage),
+            "assignment_entropy": entropy,
+            "assignment_information": max(math.log(eff) - entropy, 0.0),
             "images_per_s": n_steps * cfg.optim.batch_size / epoch_time,
             "epoch_time_s": epoch_time,
             "hardware": hardware,
@@ -703,6 +735,7 @@ def _train(
             )
         collapsed_epochs = collapsed_epochs + 1 if eff < cfg.collapse_floor else 0
         record["collapsed_epochs"] = collapsed_epochs
+        diffuse_epochs = diffuse_epochs + 1 if _diffuse(record, cfg) else 0
 
         # ---- log, callback, checkpoint (rank 0 writes) ----------------------------------
         if main:
@@ -711,7 +744,7 @@ def _train(
             knn = f", kNN {record['knn_top1']:.2f}%" if "knn_top1" in record else ""
             log.info(
                 "epoch %d/%d loss %.4f (L_c %.4f, L_KL %.4f, lambda %.2f) prototypes %d/%d "
-                "(effective %.1f) %.0f img/s%s",
+                "(effective %.1f, by argmax %.1f; information %.2f nats) %.0f img/s%s",
                 epoch + 1,
                 cfg.epochs,
                 record["loss"],
@@ -721,9 +754,13 @@ def _train(
                 record["prototypes_used"],
                 k,
                 eff,
+                record["argmax_effective_prototypes"],
+                record["assignment_information"],
                 record["images_per_s"],
                 knn,
             )
+            if diffuse_epochs == cfg.collapse_patience:
+                log.warning(_diffuse_message(record, cfg, diffuse_epochs))
         stop = False
         if on_epoch_end is not None:
             flag = torch.tensor(float(bool(on_epoch_end(record, unwrap(model)))), device=device)
