@@ -12,6 +12,33 @@ import click
 _PROTOCOLS = ("knn", "linear", "semi1", "semi10", "finetune", "cluster")
 
 
+# The protocols each protocol-specific option acts on; giving one to another protocol is refused
+# rather than ignored.
+_USED_BY = {
+    "k": ("knn",),
+    "t": ("knn",),
+    "weight_decay": ("linear",),
+    "epochs": ("semi1", "semi10", "finetune"),
+    "seed": ("linear", "semi1", "semi10", "finetune"),
+    "layer": ("knn", "linear", "semi1", "semi10", "finetune"),
+}
+
+
+def _refuse_unused(ctx: click.Context, protocol: str) -> None:
+    """A UsageError for the first option given on the command line that ``protocol`` does not
+    use (``--k 20 --protocol linear`` would otherwise run with the option silently dropped)."""
+    from click.core import ParameterSource
+
+    if protocol not in _PROTOCOLS:
+        return  # run_probe names the valid ones
+    for name, users in _USED_BY.items():
+        if protocol in users or ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+            continue
+        flag = "--" + name.replace("_", "-")
+        which = " or ".join(users)
+        raise click.UsageError(f"{flag} is for --protocol {which}, not {protocol}")
+
+
 class _WeightDecay(click.ParamType):
     name = "FLOAT|auto"
 
@@ -100,8 +127,7 @@ def probe(model_spec: str, dataset: str, data_root: str, protocol: str, out_path
     carlzoo probe --model carl-cifar10 --dataset cifar100 --data-root data/ \\
         --protocol linear --weight-decay auto --cache feats/ --out c10_to_c100.json
     """
-    if weight_decay is not None and protocol != "linear":
-        raise click.UsageError(f"--weight-decay is for --protocol linear, not {protocol}")
+    _refuse_unused(click.get_current_context(), protocol)
     if not math.isfinite(t):
         raise click.BadParameter(f"{t} is not a finite number > 0", param_hint="'--t'")
     if out_path is not None:  # write_json makes the missing folders

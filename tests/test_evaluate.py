@@ -392,8 +392,8 @@ def test_cli_writes_documented_json(tiny_run, tmp_path, protocol):
     out = tmp_path / "res.json"
     res = CliRunner().invoke(probe, ["--model", str(run), "--dataset", "npz", "--data-root",
                                      str(data), "--protocol", protocol, "--out", str(out),
-                                     "--device", "cpu", "--k", "5", "--cache",
-                                     str(tmp_path / "cache")])
+                                     "--device", "cpu", "--cache", str(tmp_path / "cache"),
+                                     *(["--k", "5"] if protocol == "knn" else [])])
     assert res.exit_code == 0, res.output
     doc = json.loads(out.read_text())
     assert doc["protocol"] == protocol and doc["dataset"] == "npz"
@@ -469,6 +469,20 @@ def test_cli_refuses_a_weight_decay_for_a_protocol_without_one(tmp_path):
     res = _refused_before_any_work(tmp_path, "knn", "--weight-decay", "auto")
     assert res.exit_code == 2
     assert "Error: --weight-decay is for --protocol linear, not knn" in res.output
+
+
+@pytest.mark.parametrize(
+    ("protocol", "option", "value", "users"),
+    [("linear", "--k", "20", "knn"), ("semi1", "--t", "0.2", "knn"),
+     ("knn", "--epochs", "5", "semi1 or semi10 or finetune"),
+     ("cluster", "--seed", "3", "linear or semi1 or semi10 or finetune"),
+     ("cluster", "--layer", "projection", "knn or linear or semi1 or semi10 or finetune")],
+)
+def test_cli_refuses_an_option_the_protocol_does_not_use(tmp_path, protocol, option, value,
+                                                         users):
+    res = _refused_before_any_work(tmp_path, protocol, option, value)
+    assert res.exit_code == 2
+    assert f"Error: {option} is for --protocol {users}, not {protocol}" in res.output
 
 
 def test_cli_bad_device_name_is_one_line_before_any_work(tmp_path):
