@@ -727,6 +727,18 @@ def test_finetuning_batches_hold_at_least_two_images_and_the_global_rng_is_kept(
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
+@pytest.mark.parametrize(
+    ("n", "batch_size", "steps"),
+    [(10, 10, 1), (14, 10, 2), (19, 10, 2), (21, 10, 3), (3, 2, 1), (5, 2, 2), (1000, 256, 4)],
+)
+def test_finetuning_batches_stay_within_the_batch_size(n, batch_size, steps):
+    assert evaluate.finetune_steps(n, batch_size) == steps
+    sizes = [len(i) for i in torch.tensor_split(torch.arange(n), steps)]
+    assert min(sizes) >= 2 and sum(sizes) == n
+    if n // 2 >= -(-n // batch_size):  # two images per batch (BN) allow it
+        assert max(sizes) <= batch_size and min(sizes) >= batch_size // 2
+
+
 @pytest.mark.parametrize(("layer", "width"),
                          [("backbone", 32), ("projection", 128), ("logits", 10)])
 def test_features_of_no_images_have_the_layer_width(layer, width):

@@ -69,6 +69,7 @@ __all__ = [
     "held_out_rows",
     "balanced_subset",
     "finetune_classifier",
+    "finetune_steps",
     "semi_supervised_eval",
     "finetune_eval",
     "cluster_metrics",
@@ -483,6 +484,13 @@ def _flip(x: Tensor, generator: torch.Generator) -> Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
+def finetune_steps(n: int, batch_size: int) -> int:
+    """Batches per fine-tuning epoch over ``n`` images: ceil(n / batch_size) near-equal ones,
+    so every image is used and none exceeds ``batch_size`` (the memory it was chosen for),
+    nor falls below half of it; but never a batch of one image (BatchNorm needs two)."""
+    return max(1, min(-(-n // batch_size), n // 2))
+
+
 def finetune_classifier(model: CARLModel, images: np.ndarray, labels: np.ndarray, *,
                         num_classes: int, mean: Sequence[float], std: Sequence[float],
                         size: int, layer: str = "backbone", epochs: int = 30,
@@ -518,9 +526,7 @@ def finetune_classifier(model: CARLModel, images: np.ndarray, labels: np.ndarray
     n = x_all.shape[0]
     if n < 2:
         raise ProbeError(f"fine-tuning needs at least 2 labelled images, got {n}")
-    # round(n / batch) near-equal batches per epoch: every image is used, none is tiny (BN
-    # needs 2 per batch).
-    steps_per_epoch = max(1, min(round(n / batch_size), n // 2))
+    steps_per_epoch = finetune_steps(n, batch_size)
     lrs = cosine_schedule(lr, 0.0, steps_per_epoch * epochs)  # per step, down to 0
     g_cpu = torch.Generator().manual_seed(seed)
     g_dev = torch.Generator(device=dev).manual_seed(seed + 1)
