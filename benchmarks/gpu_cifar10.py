@@ -63,7 +63,7 @@ from carlzoo.outputs import atomic_write, atomic_write_safetensors, atomic_write
 from carlzoo.training.checkpoint import Checkpoint, CheckpointError, save_checkpoint
 from carlzoo.training.config import ConfigError, config_to_dict, load_config
 from carlzoo.training.datasets import DatasetError, load_split
-from carlzoo.training.evaluate import cluster_metrics, knn_eval, linear_eval
+from carlzoo.training.evaluate import assignment_stats, cluster_metrics, knn_eval, linear_eval
 from carlzoo.training.features import extract_features
 from carlzoo.training.run import load_run, read_metrics
 from carlzoo.training.train import train
@@ -224,7 +224,10 @@ def evaluate(
             f_train, train_set.labels, f_test, test_set.labels, k=200, t=0.1, device=device
         ),
         "linear": linear_eval(f_train, train_set.labels, f_test, test_set.labels, device=device),
-        "clustering": cluster_metrics(logits.argmax(1).numpy(), test_set.labels),
+        "clustering": {
+            **cluster_metrics(logits.argmax(1).numpy(), test_set.labels),
+            **assignment_stats(logits),
+        },
     }
 
 

@@ -56,8 +56,8 @@ class _WeightDecay(click.ParamType):
 
 def _table(result: dict[str, Any]) -> str:
     keys = ["protocol", "model", "model_train_dataset", "dataset", "n_train", "n_test",
-            "top1", "top5", "nmi", "ari", "acc", "purity", "prototypes_used", "n_labelled",
-            "time_s"]
+            "top1", "top5", "nmi", "ari", "acc", "purity", "prototypes_used",
+            "assignment_information", "n_labelled", "time_s"]
     rows = []
     for key in keys:
         if key not in result:

@@ -118,6 +118,7 @@ def test_gpu_cifar10_stops_in_time_and_its_shards_rebuild_an_exportable_run(tmp_
     assert metrics["command"].startswith(command)
     assert str(tmp_path) not in json.dumps(metrics)
     assert 0 <= metrics["knn"]["top1"] <= 100 and 0 <= metrics["linear"]["top1"] <= 100
+    assert 0 <= metrics["clustering"]["assignment_information"] <= math.log(100)
     (probe,) = metrics["probes"]  # measured at epoch 1, before the time limit ended the run
     assert probe["epoch"] == 1 and "probe at epoch 1: kNN" in result.stdout
     # Epoch 1 is the last one trained, so the probe saw the final weights (up to one of the

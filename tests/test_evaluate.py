@@ -280,6 +280,25 @@ def test_balanced_subset_excludes_held_out_indices():
 # --------------------------------------------------------------------------------------------
 
 
+def test_assignment_stats_known_answers():
+    k = 8
+    same = evaluate.assignment_stats(torch.zeros(6, k))  # every image uniform over K
+    assert same["assignment_entropy"] == pytest.approx(math.log(k))
+    assert same["effective_prototypes"] == pytest.approx(k)
+    assert same["assignment_information"] == pytest.approx(0.0, abs=1e-12)
+    assert same["argmax_effective_prototypes"] == pytest.approx(1.0)  # ties: prototype 0
+    sure = torch.full((6, k), -1e4)
+    sure[torch.arange(6), torch.tensor([0, 1, 2, 3, 0, 1])] = 0.0  # certain, 4 prototypes
+    res = evaluate.assignment_stats(sure)
+    assert res["assignment_entropy"] == pytest.approx(0.0, abs=1e-12)
+    h = -(2 * (2 / 6) * math.log(2 / 6) + 2 * (1 / 6) * math.log(1 / 6))
+    assert res["assignment_information"] == pytest.approx(h)
+    assert res["effective_prototypes"] == pytest.approx(math.exp(h))
+    assert res["argmax_effective_prototypes"] == pytest.approx(math.exp(h))
+    with pytest.raises(ValueError, match=r"expected \(N, K\) logits with N >= 1"):
+        evaluate.assignment_stats(torch.zeros(0, k))
+
+
 def test_cluster_metrics_permuted_labelling_is_perfect():
     y = np.array([0, 0, 1, 1, 2, 2, 2])
     a = np.array([7, 7, 3, 3, 5, 5, 5])
@@ -401,7 +420,9 @@ def test_cli_writes_documented_json(tiny_run, tmp_path, protocol):
     assert (doc["model_epoch"], doc["model_step"]) == (1, 3)  # the checkpoint measured
     assert doc["n_test"] == 24 and doc["n_train"] == (0 if protocol == "cluster" else 48)
     if protocol == "cluster":
-        assert {"nmi", "ari", "acc", "prototypes_used"} <= set(doc)
+        assert {"nmi", "ari", "acc", "prototypes_used", "assignment_information"} <= set(doc)
+        assert 0 <= doc["assignment_information"] <= math.log(10)
+        assert "assignment_information" in res.output
         assert doc["num_prototypes"] == 10
     else:
         assert 0.0 <= doc["top1"] <= 100.0 and "top5" in doc

@@ -73,6 +73,7 @@ __all__ = [
     "semi_supervised_eval",
     "finetune_eval",
     "cluster_metrics",
+    "assignment_stats",
     "cluster_eval",
     "run_probe",
     "write_json",
@@ -662,12 +663,41 @@ def cluster_eval(model: CARLModel, images: np.ndarray, labels: np.ndarray, *,
                  batch_size: int = 256, device: str | torch.device | None = None,
                  cache_dir: str | Path | None = None, cache_tag: dict[str, Any] | None = None
                  ) -> dict[str, Any]:
-    """:func:`cluster_metrics` of the argmax of the prototype logits over ``images``."""
+    """:func:`cluster_metrics` of the argmax of the prototype logits over ``images``, and
+    the :func:`assignment_stats` of their softmax."""
     logits = compute_features(model, images, mean=mean, std=std, size=size, layer="logits",
                               batch_size=batch_size, device=device, cache_dir=cache_dir,
                               cache_tag=cache_tag)
-    return cluster_metrics(logits.argmax(dim=1).numpy(), labels,
-                           num_prototypes=logits.shape[1])
+    metrics = cluster_metrics(logits.argmax(dim=1).numpy(), labels,
+                              num_prototypes=logits.shape[1])
+    return {**metrics, **assignment_stats(logits)}
+
+
+def assignment_stats(logits: Tensor) -> dict[str, float]:
+    """How confidently and how informatively (N, K) prototype logits assign N images, in the
+    terms training logs: ``assignment_entropy`` mean H(p_i) in nats (0: every image on one
+    prototype with certainty), ``effective_prototypes`` exp(H(pbar)) of the mean assignment,
+    ``argmax_effective_prototypes`` exp(H) of the argmax histogram, and
+    ``assignment_information`` H(pbar) - mean H(p_i), the information the assignment carries
+    about the image (0 when every image gets the same assignment)."""
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"expected (N, K) logits with N >= 1, got shape {tuple(logits.shape)}")
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    p = log_p.exp()
+    entropy = float(-(p * log_p).sum(dim=1).mean())
+
+    def entropy_of(q: Tensor) -> float:
+        q = q[q > 0] / q.sum()
+        return float(-(q * q.log()).sum())
+
+    h_mean = entropy_of(p.mean(dim=0))
+    counts = torch.bincount(p.argmax(dim=1), minlength=p.shape[1]).double()
+    return {
+        "assignment_entropy": entropy,
+        "effective_prototypes": math.exp(h_mean),
+        "argmax_effective_prototypes": math.exp(entropy_of(counts)),
+        "assignment_information": max(h_mean - entropy, 0.0),
+    }
 
 
 # --------------------------------------------------------------------------------------------
