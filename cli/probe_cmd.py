@@ -59,12 +59,13 @@ def _table(result: dict[str, Any]) -> str:
             "top1", "top5", "nmi", "ari", "acc", "purity", "prototypes_used",
             "assignment_information", "n_labelled", "time_s"]
     rows = []
+    width = max((len(key) for key in keys if key in result), default=0)
     for key in keys:
         if key not in result:
             continue
         v = result[key]
         text = f"{v:.4f}" if key in ("nmi", "ari") else f"{v:.2f}" if isinstance(v, float) else v
-        rows.append(f"  {key:<20} {text}")
+        rows.append(f"  {key:<{width}} {text}")
     return "\n".join(rows)
 
 

@@ -414,6 +414,8 @@ def test_cli_writes_documented_json(tiny_run, tmp_path, protocol):
                                      "--device", "cpu", "--cache", str(tmp_path / "cache"),
                                      *(["--k", "5"] if protocol == "knn" else [])])
     assert res.exit_code == 0, res.output
+    table = [line for line in res.output.splitlines() if line.startswith("  ")]
+    assert len({line.rindex(" ") for line in table}) == 1  # one column of values
     doc = json.loads(out.read_text())
     assert doc["protocol"] == protocol and doc["dataset"] == "npz"
     assert doc["model"] == str(run) and doc["model_train_dataset"] == "npz"
