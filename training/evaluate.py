@@ -49,7 +49,7 @@ from carlzoo.training.datasets import FOLDER_DATASETS
 from carlzoo.training.dist import resolve_device
 from carlzoo.training.features import extract_features, normalize_uint8
 from carlzoo.training.knn import knn_accuracy, topk_accuracy
-from carlzoo.training.train import cosine_schedule, decay_groups
+from carlzoo.training.train import cosine_schedule, decay_groups, effective_prototypes
 
 __all__ = [
     "PROTOCOLS",
@@ -685,18 +685,13 @@ def assignment_stats(logits: Tensor) -> dict[str, float]:
     log_p = torch.log_softmax(logits.double(), dim=1)
     p = log_p.exp()
     entropy = float(-(p * log_p).sum(dim=1).mean())
-
-    def entropy_of(q: Tensor) -> float:
-        q = q[q > 0] / q.sum()
-        return float(-(q * q.log()).sum())
-
-    h_mean = entropy_of(p.mean(dim=0))
-    counts = torch.bincount(p.argmax(dim=1), minlength=p.shape[1]).double()
-    return {
+    eff = effective_prototypes(p.mean(dim=0))
+    counts = torch.bincount(p.argmax(dim=1), minlength=p.shape[1])
+    return {  # as train() computes them for each epoch
         "assignment_entropy": entropy,
-        "effective_prototypes": math.exp(h_mean),
-        "argmax_effective_prototypes": math.exp(entropy_of(counts)),
-        "assignment_information": max(h_mean - entropy, 0.0),
+        "effective_prototypes": eff,
+        "argmax_effective_prototypes": effective_prototypes(counts),
+        "assignment_information": max(math.log(eff) - entropy, 0.0),
     }
 
 
