@@ -14,7 +14,8 @@
 # the last-listed ones are stopped if not all would finish (list the best bet first). It leaves
 # a run.tar per variant, the weight shards of the best (of two variants both, of three or four
 # one), runs.json and runs.log: at most 8 files (gpu_runs.py --finish --pack), e.g.
-#   STEP=runs VARIANTS="k512:model.num_prototypes=512 head2048:model.proj_hidden_dim=2048"
+#   STEP=runs VARIANTS="k512crop:model.num_prototypes=512,augment.crop_scale=[0.14,1.0] \
+#       k512:model.num_prototypes=512"
 # EPOCHS must exceed the recipe's warm-up (10 epochs), else add SETS="optim.warmup_epochs=N".
 # Each step fits a 10-minute job. TIME_LIMIT (default 560 s) bounds the training script:
 # it ends training early, evaluates and says so when the recipe would not fit, keeping
