@@ -398,15 +398,31 @@ def _diffuse(record: Mapping[str, Any], cfg: TrainConfig) -> bool:
 
 
 def _diffuse_message(record: Mapping[str, Any], cfg: TrainConfig, epochs: int) -> str:
+    """The warning for :func:`_diffuse` epochs, with the fix its cause calls for. With the mean
+    assignment spread over at least half the prototypes the uniform prior is met, and it is
+    the prototypes a batch's views cannot fill (measured: K = 1,024 and 2,048 at 1,024 views);
+    with the mean shrunk onto a few of them the prior has lost its hold (measured: K = 100 with
+    its weight decayed to 0.5, the mean on 7 prototypes and every argmax on one)."""
+    k = cfg.model.num_prototypes
+    spread = record["effective_prototypes"]
+    if spread >= k / 2:
+        fix = (
+            f"use fewer prototypes (model.num_prototypes={k}, against "
+            f"{2 * cfg.optim.batch_size} views per batch)"
+        )
+    else:
+        fix = (
+            f"raise the uniform prior's weight (loss.kl_start {cfg.loss.kl_start:g}, "
+            f"loss.kl_end {cfg.loss.kl_end:g}; lambda {record['kl_weight']:.2f} now): the mean "
+            f"assignment has shrunk onto {spread:.0f} of {k} prototypes"
+        )
     return (
         f"epoch {record['epoch']}: the assignments tell the images apart by "
         f"{math.exp(record['assignment_information']):.2f} effective prototypes "
         f"(< collapse_floor {cfg.collapse_floor} for {epochs} epochs; by argmax "
         f"{record['argmax_effective_prototypes']:.1f}) while their mean spreads over "
-        f"{record['effective_prototypes']:.0f}: every image gets nearly the same diffuse "
-        f"assignment. Training goes on; if it stays so, use fewer prototypes "
-        f"(model.num_prototypes={cfg.model.num_prototypes}, against "
-        f"{2 * cfg.optim.batch_size} views per batch)"
+        f"{spread:.0f}: every image gets nearly the same spread-out assignment. Training goes "
+        f"on; if it stays so, {fix}"
     )
 
 
