@@ -49,7 +49,13 @@ from carlzoo.training.datasets import FOLDER_DATASETS
 from carlzoo.training.dist import resolve_device
 from carlzoo.training.features import extract_features, normalize_uint8
 from carlzoo.training.knn import knn_accuracy, topk_accuracy
-from carlzoo.training.train import cosine_schedule, decay_groups, effective_prototypes
+from carlzoo.training.loss import mean_entropy
+from carlzoo.training.train import (
+    assignment_information,
+    cosine_schedule,
+    decay_groups,
+    effective_prototypes,
+)
 
 __all__ = [
     "PROTOCOLS",
@@ -683,15 +689,14 @@ def assignment_stats(logits: Tensor) -> dict[str, float]:
     if logits.ndim != 2 or logits.shape[0] == 0:
         raise ValueError(f"expected (N, K) logits with N >= 1, got shape {tuple(logits.shape)}")
     log_p = torch.log_softmax(logits.double(), dim=1)
-    p = log_p.exp()
-    entropy = float(-(p * log_p).sum(dim=1).mean())
-    eff = effective_prototypes(p.mean(dim=0))
-    counts = torch.bincount(p.argmax(dim=1), minlength=p.shape[1])
+    entropy = float(mean_entropy(log_p))
+    eff = effective_prototypes(log_p.exp().mean(dim=0))
+    counts = torch.bincount(logits.argmax(dim=1), minlength=logits.shape[1])
     return {  # as train() computes them for each epoch
         "assignment_entropy": entropy,
         "effective_prototypes": eff,
         "argmax_effective_prototypes": effective_prototypes(counts),
-        "assignment_information": max(math.log(eff) - entropy, 0.0),
+        "assignment_information": assignment_information(eff, entropy),
     }
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "mean_assignment",
     "kl_to_uniform",
     "kl_weight",
+    "mean_entropy",
     "CARLLoss",
     "LossTerms",
 ]
@@ -91,6 +92,12 @@ def kl_to_uniform(pbar: Tensor) -> Tensor:
     return math.log(pbar.shape[0]) + (pbar * torch.log(pbar.clamp_min(_EPS))).sum()
 
 
+def mean_entropy(log_p: Tensor) -> Tensor:
+    """Mean entropy in nats of the assignments whose log-probabilities are the rows of
+    ``log_p`` (N, K): 0 when each sits on one prototype with certainty, log K when uniform."""
+    return -(log_p.exp() * log_p).sum(dim=1).mean()
+
+
 def kl_weight(epoch: float, start: float, end: float, decay_epochs: float) -> float:
     """Eq. 8: lambda_e decays linearly from ``start`` (b) to ``end`` (a) over ``decay_epochs``.
 
@@ -125,5 +132,5 @@ class CARLLoss(nn.Module):
             l_kl = kl_to_uniform(pbar)
             total = l_c + kl_weight * l_kl
             with torch.no_grad():
-                entropy = -(p * log_p).sum(dim=1).mean()
+                entropy = mean_entropy(log_p)
         return LossTerms(total, l_c.detach(), l_kl.detach(), pbar.detach(), entropy)

@@ -162,6 +162,12 @@ def effective_prototypes(mean_p: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def assignment_information(effective: float, entropy: float) -> float:
+    """I = H(pbar) - mean H(p_i) in nats from ``effective`` = exp(H(pbar)) and ``entropy`` =
+    mean H(p_i): what the assignments tell about the image (0 when all are the same)."""
+    return max(math.log(effective) - entropy, 0.0)
+
+
 def training_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -388,8 +394,8 @@ def _diffuse(record: Mapping[str, Any], cfg: TrainConfig) -> bool:
     """Whether the assignments tell the images apart by fewer than ``collapse_floor``
     prototypes, exp(I) with I = H(pbar) - mean H(p_i) the information they carry about the
     image, while the mean assignment pbar spreads over more: each image then gets nearly the
-    same spread-out assignment. The uniform prior is met, so the collapse guard (on pbar)
-    does not see it, yet the images are told apart no better than in a collapse."""
+    same spread-out assignment. The collapse guard (on pbar) does not see it, yet the images
+    are told apart no better than in a collapse (:func:`_diffuse_message` names the causes)."""
     floor = cfg.collapse_floor
     return (
         record["effective_prototypes"] >= floor
@@ -728,7 +734,7 @@ def _train(
             "effective_prototypes": eff,
             "argmax_effective_prototypes": effective_prototypes(usage),
             "assignment_entropy": entropy,
-            "assignment_information": max(math.log(eff) - entropy, 0.0),
+            "assignment_information": assignment_information(eff, entropy),
             "images_per_s": n_steps * cfg.optim.batch_size / epoch_time,
             "epoch_time_s": epoch_time,
             "hardware": hardware,
